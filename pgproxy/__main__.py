@@ -1,0 +1,3 @@
+from pgproxy.cli import main
+
+raise SystemExit(main())

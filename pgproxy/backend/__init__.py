@@ -1,0 +1,1 @@
+"""Connections to PostgreSQL and the pools that hold them."""

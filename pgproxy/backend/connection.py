@@ -1,0 +1,264 @@
+"""One login to PostgreSQL, owned by the pool and lent to one client session at a time.
+
+States (the only transitions):
+
+    CONNECTING --login ok--> IDLE --attach--> ATTACHED --detach--> RESETTING --ok--> IDLE
+         |                    |                  |                    |
+         +--------------------+------------------+--------------------+--> CLOSED
+
+In every state but ATTACHED the connection is in *control mode*: the proxy itself
+talks to PostgreSQL (login, identity switch, reset, health check) and incoming bytes
+are framed and queued for the awaiting coroutine. While ATTACHED it is in *relay mode*:
+bytes go straight to the client session, untouched. A connection that fails any
+control step, or that the session hands back in an unknown state, is CLOSED with a
+logged reason — never reused.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import logging
+import struct
+import time
+from collections import deque
+
+from pgproxy.errors import PgProxyError, ProxyFailure, backend_unavailable
+from pgproxy.protocol import messages as msg
+from pgproxy.protocol.framing import MessageReader
+from pgproxy.protocol.scram import ScramClient, md5_password
+
+log = logging.getLogger("pgproxy.backend")
+
+CONTROL_MAX_MESSAGE = 1 << 20
+
+
+class BackendState(enum.Enum):
+    CONNECTING = "connecting"
+    IDLE = "idle"            # in the pool's idle list
+    ATTACHED = "attached"    # relaying for one client session
+    RESETTING = "resetting"  # back from a session, being cleaned
+    CLOSED = "closed"
+
+
+class BackendConnection(asyncio.Protocol):
+    def __init__(self, database: str) -> None:
+        self.database = database
+        self.state = BackendState.CONNECTING
+        self.transport: asyncio.Transport | None = None
+        self.pid = 0
+        self.secret = 0
+        self.params: dict[str, str] = {}
+        self.txn_status = b"I"
+        self.created_at = time.monotonic()
+        self.idle_since = self.created_at
+        self.close_reason = ""
+        self.session = None  # the ClientSession relaying through us, when ATTACHED
+        self.forgotten = False  # the pool has stopped counting this connection
+        self._reader = MessageReader(CONTROL_MAX_MESSAGE)
+        self._inbox: deque[tuple[int, bytes]] = deque()
+        self._waiter: asyncio.Future | None = None
+
+    # --- asyncio.Protocol --------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.Transport) -> None:
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        if self.session is not None:
+            self.session.server_data(data)
+            return
+        try:
+            self._inbox.extend(self._reader.feed(data))
+        except PgProxyError as exc:
+            self.close(f"unreadable data from server: {exc.log_detail}")
+            return
+        self._wake()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.state is not BackendState.CLOSED:
+            self.close_reason = self.close_reason or f"server closed the connection ({exc or 'EOF'})"
+            self.state = BackendState.CLOSED
+            log.info("backend connection lost", extra={"backend_pid": self.pid, "reason": self.close_reason})
+        self._wake()
+        if self.session is not None:
+            self.session.server_lost(self.close_reason)
+
+    def pause_writing(self) -> None:
+        if self.session is not None:
+            self.session.pause_reading_client()
+
+    def resume_writing(self) -> None:
+        if self.session is not None:
+            self.session.resume_reading_client()
+
+    def _wake(self) -> None:
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+
+    # --- control mode ------------------------------------------------------------------
+
+    @property
+    def broken(self) -> bool:
+        return self.state is BackendState.CLOSED or self.transport is None or self.transport.is_closing()
+
+    async def _next(self) -> tuple[int, bytes]:
+        while not self._inbox:
+            if self.broken:
+                raise backend_unavailable(f"server connection closed: {self.close_reason or 'EOF'}")
+            self._waiter = asyncio.get_running_loop().create_future()
+            await self._waiter
+            self._waiter = None
+        return self._inbox.popleft()
+
+    async def login(self, user: str, password: str | None, extra: dict[str, str]) -> None:
+        self.transport.write(msg.startup_message({"user": user, "database": self.database, **extra}))
+        scram: ScramClient | None = None
+        while True:
+            kind, raw = await self._next()
+            body = raw[5:]
+            if kind == ord("R"):
+                code = struct.unpack_from("!i", body)[0]
+                if code == 0:
+                    continue
+                if password is None:
+                    raise backend_unavailable(f"server asks for a password (method {code}) but none is configured")
+                if code == 3:
+                    self.transport.write(msg.password_message(password.encode() + b"\0"))
+                elif code == 5:
+                    self.transport.write(msg.password_message(md5_password(user, password, body[4:8])))
+                elif code == 10:
+                    mechanisms = body[4:].split(b"\0")
+                    if ScramClient.MECHANISM.encode() not in mechanisms:
+                        raise backend_unavailable(f"server offers no supported SASL mechanism: {mechanisms!r}")
+                    scram = ScramClient(password)
+                    self.transport.write(msg.sasl_initial_response(ScramClient.MECHANISM, scram.client_first()))
+                elif code == 11 and scram:
+                    self.transport.write(msg.password_message(scram.client_final(body[4:])))
+                elif code == 12 and scram:
+                    scram.verify_server_final(body[4:])
+                else:
+                    raise backend_unavailable(f"unsupported authentication request {code} from server")
+            elif kind == ord("E"):
+                fields = msg.parse_error_fields(body)
+                raise backend_unavailable(f"server refused login: {fields.get('C')} {fields.get('M')}")
+            elif kind == ord("S"):
+                name, value = msg.parse_parameter_status(body)
+                self.params[name] = value
+            elif kind == ord("K"):
+                self.pid, self.secret = struct.unpack("!iI", body[:8])
+            elif kind == ord("Z"):
+                self.txn_status = body[:1]
+                self.state = BackendState.IDLE
+                return
+
+    async def run(self, *queries: str) -> list[tuple[int, bytes]]:
+        """Send simple queries in one write; return every message up to the last ReadyForQuery.
+
+        Raises ProxyFailure carrying the server's SQLSTATE if any of them failed.
+        """
+        self.transport.write(b"".join(msg.query(q) for q in queries))
+        replies: list[tuple[int, bytes]] = []
+        error: dict[str, str] | None = None
+        remaining = len(queries)
+        while remaining:
+            kind, raw = await self._next()
+            body = raw[5:]
+            if kind == ord("Z"):
+                self.txn_status = body[:1]
+                remaining -= 1
+            elif kind == ord("E"):
+                error = error or msg.parse_error_fields(body)
+            elif kind == ord("S"):
+                name, value = msg.parse_parameter_status(body)
+                self.params[name] = value
+            replies.append((kind, raw))
+        if error:
+            raise ProxyFailure(error.get("M", "server error"), sqlstate=error.get("C", "XX000"),
+                               severity="FATAL", log_detail=f"server error {error.get('C')}: {error.get('M')}")
+        return replies
+
+    async def health_check(self, timeout: float) -> bool:
+        try:
+            await asyncio.wait_for(self.run(""), timeout)
+            return self.txn_status == b"I"
+        except (PgProxyError, asyncio.TimeoutError) as exc:
+            self.close(f"health check failed: {exc}")
+            return False
+
+    async def reset(self) -> None:
+        """Undo everything a session did: transaction, role, settings, prepared statements,
+        cursors, temp objects, LISTEN, advisory locks. DISCARD ALL does all of these."""
+        self.state = BackendState.RESETTING
+        queries = ("ROLLBACK", "DISCARD ALL") if self.txn_status != b"I" else ("DISCARD ALL",)
+        await self.run(*queries)
+        if self.txn_status != b"I":
+            raise backend_unavailable("connection still in a transaction after reset")
+        self.idle_since = time.monotonic()
+        self.state = BackendState.IDLE
+
+    # --- relay mode --------------------------------------------------------------------
+
+    def attach(self, session) -> None:
+        """Hand the byte stream to a client session; anything already read goes with it."""
+        leftover = b"".join(raw for _, raw in self._inbox)
+        self._inbox.clear()
+        self.session = session
+        self.state = BackendState.ATTACHED
+        if leftover:
+            session.server_data(leftover)
+
+    def detach(self) -> None:
+        self.session = None
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.resume_reading()
+
+    def write(self, data: bytes) -> None:
+        self.transport.write(data)
+
+    def close(self, reason: str) -> None:
+        if self.state is BackendState.CLOSED:
+            return
+        self.close_reason = reason
+        self.state = BackendState.CLOSED
+        log.info("closing backend connection", extra={"backend_pid": self.pid, "reason": reason})
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.write(msg.TERMINATE)
+            self.transport.close()
+        self._wake()
+
+
+async def open_connection(host: str, port: int, database: str, user: str, password: str | None,
+                          timeout: float) -> BackendConnection:
+    loop = asyncio.get_running_loop()
+
+    async def connect() -> BackendConnection:
+        if host.startswith("/"):
+            _, conn = await loop.create_unix_connection(lambda: BackendConnection(database),
+                                                        f"{host}/.s.PGSQL.{port}")
+        else:
+            _, conn = await loop.create_connection(lambda: BackendConnection(database), host, port)
+        try:
+            await conn.login(user, password, {"application_name": "pgproxy", "client_encoding": "UTF8"})
+        except BaseException:
+            conn.close("login failed")
+            raise
+        return conn
+
+    try:
+        return await asyncio.wait_for(connect(), timeout)
+    except asyncio.TimeoutError:
+        raise backend_unavailable(f"connecting to {host}:{port} timed out after {timeout}s") from None
+    except OSError as exc:
+        raise backend_unavailable(f"cannot connect to {host}:{port}: {exc}") from None
+
+
+async def send_cancel(host: str, port: int, pid: int, secret: int) -> None:
+    """Forward a cancel to PostgreSQL on a fresh connection, as the protocol requires."""
+    if host.startswith("/"):
+        _, writer = await asyncio.open_unix_connection(f"{host}/.s.PGSQL.{port}")
+    else:
+        _, writer = await asyncio.open_connection(host, port)
+    writer.write(msg.cancel_request(pid, secret))
+    await writer.drain()
+    writer.close()

@@ -1,0 +1,181 @@
+"""A pool of backend connections for one database, all logged in as the pool role.
+
+Clients take a connection for their whole session (session pooling). The pool keeps at
+most ``pool_size`` connections, opening, resetting and connecting ones included; a
+client that finds none free waits in a FIFO queue up to ``acquire_timeout_s``
+(then 53300). A returned connection is reset (ROLLBACK if needed, DISCARD ALL) before
+anyone else sees it; one that cannot be reset, or comes back mid-request, is closed.
+Idle connections are reused newest-first, health-checked when they have been idle a
+while, and closed by the janitor past ``idle_timeout_s`` or ``lifetime_s``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import deque
+from dataclasses import dataclass
+
+from pgproxy.backend.connection import BackendConnection, BackendState, open_connection
+from pgproxy.config import BackendSection
+from pgproxy.errors import PgProxyError, pool_timeout
+
+log = logging.getLogger("pgproxy.pool")
+
+
+@dataclass
+class PoolStats:
+    connections_opened: int = 0
+    connections_closed: int = 0
+    acquires: int = 0
+    acquire_timeouts: int = 0
+    resets: int = 0
+    reset_failures: int = 0
+    wait_seconds_total: float = 0.0
+
+
+class Pool:
+    def __init__(self, cfg: BackendSection, database: str, password: str | None) -> None:
+        self._cfg = cfg
+        self.database = database
+        self._password = password
+        self._idle: deque[BackendConnection] = deque()
+        self._waiters: deque[asyncio.Future] = deque()
+        self._tasks: set[asyncio.Task] = set()
+        self.size = 0  # every connection this pool owns, in any state but CLOSED
+        self.stats = PoolStats()
+        self.closed = False
+
+    def statistics(self) -> dict:
+        return {"database": self.database, "size": self.size, "idle": len(self._idle),
+                "waiting": len(self._waiters), **vars(self.stats)}
+
+    async def acquire(self) -> BackendConnection:
+        cfg = self._cfg
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        deadline = started + cfg.acquire_timeout_s
+        try:
+            while True:
+                conn = await self._take_idle()
+                if conn is not None:
+                    return conn
+                if self.size < cfg.pool_size:
+                    return await self._open()
+                remaining = deadline - loop.time()
+                if remaining <= 0:
+                    self.stats.acquire_timeouts += 1
+                    raise pool_timeout(self.database)
+                waiter = loop.create_future()
+                self._waiters.append(waiter)
+                try:
+                    conn = await asyncio.wait_for(waiter, remaining)
+                except asyncio.TimeoutError:
+                    self.stats.acquire_timeouts += 1
+                    raise pool_timeout(self.database) from None
+                finally:
+                    if waiter in self._waiters:
+                        self._waiters.remove(waiter)
+                if conn is not None and not conn.broken:
+                    return conn
+                if conn is not None:
+                    self._forget(conn, "broken while handed over")
+        finally:
+            self.stats.acquires += 1
+            self.stats.wait_seconds_total += loop.time() - started
+
+    async def _take_idle(self) -> BackendConnection | None:
+        while self._idle:
+            conn = self._idle.pop()
+            if conn.broken:
+                self._forget(conn, conn.close_reason or "closed while idle")
+                continue
+            if time.monotonic() - conn.idle_since > self._cfg.health_check_after_s:
+                if not await conn.health_check(self._cfg.connect_timeout_s):
+                    self._forget(conn, "health check failed")
+                    continue
+            return conn
+        return None
+
+    async def _open(self) -> BackendConnection:
+        self.size += 1
+        try:
+            conn = await open_connection(self._cfg.host, self._cfg.port, self.database, self._cfg.user,
+                                         self._password, self._cfg.connect_timeout_s)
+        except BaseException:
+            self.size -= 1
+            self._hand_over(None)  # capacity freed: let a waiter try
+            raise
+        self.stats.connections_opened += 1
+        log.debug("opened backend connection", extra={"database": self.database, "backend_pid": conn.pid})
+        return conn
+
+    def release(self, conn: BackendConnection, reusable: bool, reason: str = "") -> None:
+        """Take a connection back from a session. Not reusable means: close it."""
+        conn.detach()
+        if not reusable or conn.broken or self.closed:
+            conn.close(reason or conn.close_reason or "not reusable")
+            self._forget(conn, reason)
+            return
+        task = asyncio.get_running_loop().create_task(self._reset_and_return(conn))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _reset_and_return(self, conn: BackendConnection) -> None:
+        self.stats.resets += 1
+        try:
+            await asyncio.wait_for(conn.reset(), self._cfg.connect_timeout_s)
+        except (PgProxyError, asyncio.TimeoutError) as exc:
+            self.stats.reset_failures += 1
+            conn.close(f"reset failed: {getattr(exc, 'log_detail', None) or type(exc).__name__}")
+            self._forget(conn, "reset failed")
+            return
+        if time.monotonic() - conn.created_at > self._cfg.lifetime_s:
+            conn.close("lifetime reached")
+            self._forget(conn, "lifetime reached")
+            return
+        self._hand_over(conn)
+
+    def _hand_over(self, conn: BackendConnection | None) -> None:
+        """Give a connection (or, with None, freed capacity) to the first waiter alive."""
+        while self._waiters:
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(conn)
+                return
+        if conn is not None:
+            conn.idle_since = time.monotonic()
+            self._idle.append(conn)
+
+    def _forget(self, conn: BackendConnection, reason: str) -> None:
+        if conn.forgotten:
+            return
+        conn.forgotten = True
+        self.size -= 1
+        self.stats.connections_closed += 1
+        if conn.state is not BackendState.CLOSED:
+            conn.close(reason)
+        self._hand_over(None)
+
+    def janitor_tick(self) -> None:
+        """Close idle connections that are too old or idle too long (called every second)."""
+        now = time.monotonic()
+        keep: deque[BackendConnection] = deque()
+        for conn in self._idle:
+            if conn.broken:
+                self._forget(conn, conn.close_reason or "closed while idle")
+            elif now - conn.idle_since > self._cfg.idle_timeout_s:
+                self._forget(conn, "idle timeout")
+            elif now - conn.created_at > self._cfg.lifetime_s:
+                self._forget(conn, "lifetime reached")
+            else:
+                keep.append(conn)
+        self._idle = keep
+
+    async def close(self) -> None:
+        self.closed = True
+        for task in list(self._tasks):
+            task.cancel()
+        while self._idle:
+            self._forget(self._idle.pop(), "proxy shutting down")

@@ -1,0 +1,321 @@
+"""Declarative, validated configuration.
+
+Each section is a dataclass; each option is a field with a type, a default (or
+REQUIRED), a one-line doc and whether SIGHUP may change it. ``parse_config`` checks
+the TOML table against these declarations and reports *every* problem with its key
+path (``backend.pool_size: expected an integer``). ``Config.resolve_secrets`` is the
+separate load step that reads secrets from files or the environment; secrets are
+never accepted inline, so a config file can be shared and logged safely.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import tomllib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+REQUIRED: typing.Any = object()
+
+
+def option(default, doc: str, *, reloadable: bool = True):
+    meta = {"doc": doc, "reloadable": reloadable}
+    if default is REQUIRED:
+        return field(metadata=meta)
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+class ConfigError(Exception):
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__("\n".join(problems))
+        self.problems = problems
+
+
+ASYMMETRIC_ALGORITHMS = {"RS256", "RS384", "RS512", "PS256", "PS384", "PS512",
+                         "ES256", "ES384", "ES512", "EdDSA"}
+HMAC_ALGORITHMS = {"HS256", "HS384", "HS512"}
+
+
+@dataclass
+class ServerSection:
+    listen: list[str] = option(["127.0.0.1:6432"], "host:port addresses to accept clients on", reloadable=False)
+    max_clients: int = option(10_000, "client connections held at once; more are refused with 53300")
+    max_message_size: int = option(64 * 1024 * 1024, "largest client message accepted (bytes); larger is 08P01")
+    auth_timeout_s: float = option(30.0, "seconds a client has to finish startup and authentication")
+    shutdown_timeout_s: float = option(30.0, "seconds sessions get to finish on SIGTERM before 57P01")
+
+
+@dataclass
+class BackendSection:
+    user: str = option(REQUIRED, "the pool login role: NOINHERIT, granted every mapped role", reloadable=False)
+    host: str = option("127.0.0.1", "PostgreSQL host name, address, or Unix-socket directory", reloadable=False)
+    port: int = option(5432, "PostgreSQL port", reloadable=False)
+    password_file: str = option("", "file holding the pool role's password (first line)")
+    password_env: str = option("", "environment variable holding the pool role's password")
+    databases: list[str] = option([], "databases clients may ask for; empty allows any")
+    pool_size: int = option(20, "backend connections per database at most")
+    connect_timeout_s: float = option(5.0, "seconds to connect and log in to PostgreSQL")
+    acquire_timeout_s: float = option(30.0, "seconds a client waits for a free backend connection (then 53300)")
+    idle_timeout_s: float = option(600.0, "idle backend connections older than this are closed")
+    lifetime_s: float = option(3600.0, "backend connections are closed after this many seconds of life")
+    health_check_after_s: float = option(30.0, "an idle connection older than this is checked before reuse")
+
+
+@dataclass
+class JwtSection:
+    issuer: str = option(REQUIRED, "expected 'iss'; also the base of OIDC discovery")
+    audience: str = option(REQUIRED, "expected 'aud'")
+    jwks_url: str = option("", "JWKS address; empty means OIDC discovery at {issuer}/.well-known/openid-configuration")
+    algorithms: list[str] = option(["RS256", "PS256", "ES256", "EdDSA"], "signature algorithms accepted; never 'none'")
+    username_claim: str = option("preferred_username", "claim that must equal the startup user name")
+    username_case_insensitive: bool = option(False, "compare the user name and the claim case-insensitively")
+    groups_claim: str = option("groups", "claim holding the list of groups")
+    leeway_s: float = option(30.0, "clock skew allowed for exp, nbf and iat")
+    shared_secret_file: str = option("", "file with an HMAC secret; only then may HS* algorithms be listed")
+    shared_secret_env: str = option("", "environment variable with that HMAC secret")
+    ca_file: str = option("", "CA bundle for the IdP's HTTPS; empty uses the system store")
+    http_timeout_s: float = option(5.0, "seconds for one discovery or JWKS request")
+    jwks_refresh_min_interval_s: float = option(30.0, "an unknown 'kid' refetches the keys at most this often")
+    token_cache_size: int = option(10_000, "validated tokens remembered until shortly before they expire")
+
+
+@dataclass
+class AuthSection:
+    jwt: JwtSection | None = option(None, "OIDC/OAuth2 JWTs as passwords")
+    default_role: str = option("", "role for identities no [[roles]] rule matches; empty refuses them")
+
+
+@dataclass
+class RoleRule:
+    role: str = option(REQUIRED, "database role to SET ROLE to; '{username}' is replaced by the user name")
+    group: str = option("", "match identities in this group")
+    user: str = option("", "match this user name")
+    any: bool = option(False, "match every identity (a catch-all rule)")
+
+
+@dataclass
+class AuditSection:
+    file: str = option(REQUIRED, "JSON-lines audit file (appended)")
+    parameters: str = option("full", "bound parameters in statement records: full, redacted or off")
+    max_parameter_length: int = option(256, "longer parameter values are cut to this many characters")
+    max_statement_length: int = option(16_384, "longer statement texts are cut to this many characters")
+    queue_size: int = option(100_000, "records waiting for the writer before sessions wait for it")
+
+
+@dataclass
+class LogSection:
+    level: str = option("info", "debug, info, warning or error")
+    format: str = option("logfmt", "logfmt or json, on stderr")
+
+
+@dataclass
+class Config:
+    backend: BackendSection = option(REQUIRED, "the PostgreSQL server and its pool")
+    auth: AuthSection = option(REQUIRED, "how clients prove who they are")
+    audit: AuditSection = option(REQUIRED, "the audit trail")
+    server: ServerSection = option(None, "client-facing listeners and limits")
+    roles: list[RoleRule] = option([], "identity -> role rules; the first match wins")
+    log: LogSection = option(None, "diagnostic logging")
+
+    # Filled by resolve_secrets(); never part of the file.
+    backend_password: str | None = field(default=None, repr=False, compare=False)
+    jwt_shared_secret: bytes | None = field(default=None, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        self.server = self.server or ServerSection()
+        self.log = self.log or LogSection()
+
+    def resolve_secrets(self) -> None:
+        """Read secrets from their files or environment variables (the load step)."""
+        problems: list[str] = []
+        self.backend_password = _read_secret(self.backend.password_file, self.backend.password_env,
+                                             "backend", problems)
+        jwt = self.auth.jwt
+        if jwt and (jwt.shared_secret_file or jwt.shared_secret_env):
+            secret = _read_secret(jwt.shared_secret_file, jwt.shared_secret_env, "auth.jwt.shared_secret", problems)
+            self.jwt_shared_secret = secret.encode() if secret else None
+        if problems:
+            raise ConfigError(problems)
+
+
+def _read_secret(path: str, env: str, where: str, problems: list[str]) -> str | None:
+    if path:
+        try:
+            lines = Path(path).read_text().splitlines()
+        except OSError as exc:
+            problems.append(f"{where}: cannot read secret file {path!r}: {exc.strerror}")
+            return None
+        return lines[0] if lines else ""
+    if env:
+        if env not in os.environ:
+            problems.append(f"{where}: environment variable {env} is not set")
+            return None
+        return os.environ[env]
+    return None
+
+
+# --- the declarative engine --------------------------------------------------------
+
+def _build(cls, table, path: str, problems: list[str]):
+    if not isinstance(table, dict):
+        problems.append(f"{path or '<top>'}: expected a table")
+        return None
+    hints = typing.get_type_hints(cls)
+    declared = {f.name: f for f in dataclasses.fields(cls) if f.metadata}
+    for key in table:
+        if key not in declared:
+            problems.append(f"{_join(path, key)}: unknown key")
+    values = {}
+    for name, fld in declared.items():
+        key_path = _join(path, name)
+        if name not in table:
+            if fld.default is dataclasses.MISSING and fld.default_factory is dataclasses.MISSING:
+                problems.append(f"{key_path}: required key is missing")
+            continue
+        value = _convert(hints[name], table[name], key_path, problems)
+        if value is not None:
+            values[name] = value
+    try:
+        return cls(**values)
+    except TypeError:
+        return None  # a required key was missing; already reported
+
+
+def _convert(hint, value, path: str, problems: list[str]):
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType")):
+        inner = [a for a in typing.get_args(hint) if a is not type(None)][0]
+        return _convert(inner, value, path, problems)
+    if origin is list:
+        (item,) = typing.get_args(hint)
+        if not isinstance(value, list):
+            problems.append(f"{path}: expected a list")
+            return None
+        items = [_convert(item, v, f"{path}[{i}]", problems) for i, v in enumerate(value)]
+        return items if all(i is not None for i in items) else None
+    if dataclasses.is_dataclass(hint):
+        return _build(hint, value, path, problems)
+    expected = {str: "a string", int: "an integer", float: "a number", bool: "true or false"}[hint]
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if not isinstance(value, hint) or (hint is int and isinstance(value, bool)):
+        problems.append(f"{path}: expected {expected}")
+        return None
+    return value
+
+
+def _join(path: str, key: str) -> str:
+    return f"{path}.{key}" if path else key
+
+
+# --- rules beyond types -------------------------------------------------------------
+
+_LISTEN = re.compile(r"^(?:\[(?P<v6>[0-9a-fA-F:.]+)\]|(?P<host>[^:\[\]]+)):(?P<port>\d{1,5})$")
+
+
+def parse_listen(entry: str) -> tuple[str, int]:
+    m = _LISTEN.match(entry)
+    if not m or not 0 < int(m["port"]) < 65536:
+        raise ValueError("expected host:port (IPv6 as [addr]:port)")
+    return m["v6"] or m["host"], int(m["port"])
+
+
+def _check_rules(cfg: Config, problems: list[str]) -> None:
+    for i, entry in enumerate(cfg.server.listen):
+        try:
+            parse_listen(entry)
+        except ValueError as exc:
+            problems.append(f"server.listen[{i}]: {exc}")
+    positive = [("server.max_clients", cfg.server.max_clients), ("server.max_message_size", cfg.server.max_message_size),
+                ("backend.pool_size", cfg.backend.pool_size), ("backend.connect_timeout_s", cfg.backend.connect_timeout_s),
+                ("backend.acquire_timeout_s", cfg.backend.acquire_timeout_s),
+                ("audit.queue_size", cfg.audit.queue_size)]
+    for key, value in positive:
+        if value <= 0:
+            problems.append(f"{key}: must be greater than zero")
+    if cfg.server.max_message_size > 1 << 30:
+        problems.append("server.max_message_size: at most 1 GiB (PostgreSQL's own limit)")
+    if not 0 < cfg.backend.port < 65536:
+        problems.append("backend.port: must be 1-65535")
+    if cfg.backend.password_file and cfg.backend.password_env:
+        problems.append("backend: set password_file or password_env, not both")
+    jwt = cfg.auth.jwt
+    if jwt is None:
+        problems.append("auth: configure at least one authenticator ([auth.jwt])")
+    else:
+        _check_jwt(jwt, problems)
+    for i, rule in enumerate(cfg.roles):
+        chosen = [k for k in ("group", "user") if getattr(rule, k)] + (["any"] if rule.any else [])
+        if len(chosen) != 1:
+            problems.append(f"roles[{i}]: give exactly one of group, user or any = true")
+        _check_role_template(rule.role, f"roles[{i}].role", problems)
+    if cfg.auth.default_role:
+        _check_role_template(cfg.auth.default_role, "auth.default_role", problems)
+    if cfg.audit.parameters not in ("full", "redacted", "off"):
+        problems.append("audit.parameters: must be full, redacted or off")
+    if cfg.log.level not in ("debug", "info", "warning", "error"):
+        problems.append("log.level: must be debug, info, warning or error")
+    if cfg.log.format not in ("logfmt", "json"):
+        problems.append("log.format: must be logfmt or json")
+
+
+def _check_jwt(jwt: JwtSection, problems: list[str]) -> None:
+    known = ASYMMETRIC_ALGORITHMS | HMAC_ALGORITHMS
+    for i, alg in enumerate(jwt.algorithms):
+        if alg not in known:
+            problems.append(f"auth.jwt.algorithms[{i}]: {alg!r} is not accepted (choose from {', '.join(sorted(known))})")
+    if not jwt.algorithms:
+        problems.append("auth.jwt.algorithms: list at least one algorithm")
+    has_secret = bool(jwt.shared_secret_file or jwt.shared_secret_env)
+    hmac_listed = HMAC_ALGORITHMS & set(jwt.algorithms)
+    if hmac_listed and not has_secret:
+        problems.append("auth.jwt.algorithms: HS* algorithms need shared_secret_file or shared_secret_env")
+    if has_secret and not hmac_listed:
+        problems.append("auth.jwt: a shared secret is set but no HS* algorithm is listed")
+    if jwt.shared_secret_file and jwt.shared_secret_env:
+        problems.append("auth.jwt: set shared_secret_file or shared_secret_env, not both")
+    for key in ("issuer", "jwks_url"):
+        url = getattr(jwt, key)
+        if url and not url.startswith(("https://", "http://")):
+            problems.append(f"auth.jwt.{key}: must be an http(s) URL")
+    if jwt.leeway_s < 0 or jwt.leeway_s > 300:
+        problems.append("auth.jwt.leeway_s: must be between 0 and 300")
+    if jwt.token_cache_size < 0:
+        problems.append("auth.jwt.token_cache_size: must not be negative")
+
+
+def _check_role_template(template: str, path: str, problems: list[str]) -> None:
+    leftover = template.replace("{username}", "")
+    if "{" in leftover or "}" in leftover:
+        problems.append(f"{path}: the only placeholder is {{username}}")
+    if not template.strip():
+        problems.append(f"{path}: must not be empty")
+
+
+def parse_config(table: dict) -> Config:
+    problems: list[str] = []
+    cfg = _build(Config, table, "", problems)
+    if cfg is not None and not problems:
+        _check_rules(cfg, problems)
+    if problems:
+        raise ConfigError(problems)
+    return cfg
+
+
+def load_config(path: str | os.PathLike) -> Config:
+    """Read, validate and resolve secrets; raise ConfigError naming every bad key."""
+    try:
+        with open(path, "rb") as fh:
+            table = tomllib.load(fh)
+    except OSError as exc:
+        raise ConfigError([f"{path}: {exc.strerror}"]) from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError([f"{path}: not valid TOML: {exc}"]) from None
+    cfg = parse_config(table)
+    cfg.resolve_secrets()
+    return cfg

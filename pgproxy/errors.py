@@ -1,0 +1,92 @@
+"""Every error pgproxy sends to a peer, with its SQLSTATE.
+
+Two families, kept apart as h11 does: ClientError is "the peer did something wrong"
+(bad packet, bad token, forbidden parameter); ProxyFailure is "we could not do it"
+(backend unreachable, pool exhausted). Both carry the SQLSTATE and severity that go
+into the ErrorResponse, plus a ``detail_for_log`` that is never sent to the client:
+vague to the client, precise in the log. Nothing in here ever holds a secret.
+"""
+
+from __future__ import annotations
+
+
+class PgProxyError(Exception):
+    sqlstate = "XX000"
+    severity = "ERROR"
+
+    def __init__(self, message: str, *, sqlstate: str | None = None, severity: str | None = None,
+                 log_detail: str = "") -> None:
+        super().__init__(message)
+        self.message = message
+        if sqlstate:
+            self.sqlstate = sqlstate
+        if severity:
+            self.severity = severity
+        self.log_detail = log_detail or message
+
+    @property
+    def fatal(self) -> bool:
+        return self.severity == "FATAL"
+
+
+class ClientError(PgProxyError):
+    """The client broke a rule; it is told so."""
+
+
+class ProxyFailure(PgProxyError):
+    """pgproxy or something behind it failed; the client gets a vague message."""
+
+
+# --- named constructors for the errors clients meet most ---------------------------
+
+def protocol_violation(what: str) -> ClientError:
+    return ClientError(f"protocol violation: {what}", sqlstate="08P01", severity="FATAL")
+
+
+def auth_failed(user: str, reason: str) -> ClientError:
+    # The client learns only that it failed; the reason goes to the log.
+    return ClientError(f'authentication failed for user "{user}"', sqlstate="28P01",
+                       severity="FATAL", log_detail=reason)
+
+
+def no_user_name() -> ClientError:
+    return ClientError("no PostgreSQL user name specified in startup packet", sqlstate="28000", severity="FATAL")
+
+
+def not_authorized(user: str, reason: str) -> ClientError:
+    return ClientError(f'user "{user}" is not allowed to connect', sqlstate="28000",
+                       severity="FATAL", log_detail=reason)
+
+
+def auth_unavailable(reason: str) -> ProxyFailure:
+    return ProxyFailure("authentication service unavailable", sqlstate="08006",
+                        severity="FATAL", log_detail=reason)
+
+
+def forbidden_parameter(name: str) -> ClientError:
+    return ClientError(f'startup parameter "{name}" may not be set through pgproxy: '
+                       "the role and identity come from your credentials",
+                       sqlstate="42501", severity="FATAL")
+
+
+def unsupported(what: str) -> ClientError:
+    return ClientError(f"not supported by pgproxy: {what}", sqlstate="0A000", severity="FATAL")
+
+
+def backend_unavailable(reason: str) -> ProxyFailure:
+    return ProxyFailure("database connection unavailable", sqlstate="08006", severity="FATAL",
+                        log_detail=reason)
+
+
+def pool_timeout(database: str) -> ProxyFailure:
+    return ProxyFailure(f'timed out waiting for a connection to database "{database}"',
+                        sqlstate="53300", severity="FATAL")
+
+
+def too_many_clients() -> ProxyFailure:
+    return ProxyFailure("sorry, too many clients already", sqlstate="53300", severity="FATAL")
+
+
+def shutting_down() -> ProxyFailure:
+    return ProxyFailure("terminating connection due to administrator command",
+                        sqlstate="57P01", severity="FATAL")

@@ -1,0 +1,1 @@
+"""The client side: startup, authentication and the relay."""

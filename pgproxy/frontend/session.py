@@ -1,0 +1,480 @@
+"""One client connection, from its first byte to its last.
+
+States (the only transitions):
+
+    STARTUP --StartupMessage--> AUTHENTICATING --password--> LOGGING_IN --ok--> READY
+       |  (SSLRequest/GSSENCRequest: answer 'N', stay; CancelRequest: forward, close)  |
+       +-----------------------------------+-----------------------+-------------------+--> CLOSED
+
+* STARTUP: untyped packets, at most 10,000 bytes each.
+* AUTHENTICATING: we asked for a cleartext password (the token); the client sends one
+  PasswordMessage and nothing else.
+* LOGGING_IN: reading is paused while the credential is validated, the identity mapped
+  to a role, a backend connection taken and switched to that role.
+* READY: the relay. Client messages are framed whole (bounded by
+  ``server.max_message_size``), checked and forwarded in one write per read. Server
+  bytes are forwarded as they come; ``ServerStreamScanner`` reads only the headers,
+  plus the bodies of CommandComplete, ErrorResponse, ReadyForQuery and ParameterStatus
+  for the audit.
+
+Every exit goes through ``connection_lost``, which hands the backend connection back
+(reused only if nothing is in flight) and logs the reason. Every error reaches the
+client through ``_fail`` as an ErrorResponse with its SQLSTATE.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import logging
+import secrets
+import struct
+import time
+from collections import deque
+
+from pgproxy.errors import (PgProxyError, ProxyFailure, auth_failed, no_user_name, not_authorized,
+                            protocol_violation, unsupported)
+from pgproxy.frontend.startup import client_settings, identity_sql, text_array
+from pgproxy.protocol import messages as msg
+from pgproxy.protocol.framing import MessageReader, ServerStreamScanner, read_startup_packet
+from pgproxy.roles import map_role
+
+log = logging.getLogger("pgproxy.session")
+
+_SERVER_WANTED = b"CEZIsS"
+_CLIENT_TYPES = frozenset(b"QPBESHCDXFdcfp")
+_Q, _P, _B, _E, _S, _C, _X, _F = (ord(c) for c in "QPBESCXF")
+_sC, _sE, _sZ, _sI, _ss, _sS = (ord(c) for c in "CEZIsS")
+
+
+class SessionState(enum.Enum):
+    STARTUP = "startup"
+    AUTHENTICATING = "authenticating"
+    LOGGING_IN = "logging_in"
+    READY = "ready"
+    CLOSED = "closed"
+
+
+class _Statement:
+    """One statement on its way through the database, for its audit record."""
+
+    __slots__ = ("text", "params", "formats", "started", "t0", "tags", "rows", "sqlstate")
+
+    def __init__(self, text: str, params=None, formats=None) -> None:
+        self.text, self.params, self.formats = text, params, formats
+        self.started, self.t0 = time.time(), time.perf_counter()
+        self.tags: list[str] = []
+        self.rows: int | None = None
+        self.sqlstate: str | None = None
+
+
+class _Batch:
+    """The extended-protocol messages up to one Sync: its Executes, in order."""
+
+    __slots__ = ("executes", "last_parse", "open", "failed")
+
+    def __init__(self) -> None:
+        self.executes: deque[_Statement] = deque()
+        self.last_parse = ""
+        self.open = True
+        self.failed = False
+
+
+class ClientSession(asyncio.Protocol):
+    def __init__(self, server) -> None:
+        self.server = server
+        self.state = SessionState.STARTUP
+        self.transport: asyncio.Transport | None = None
+        self.peer = ""
+        self.session_id = secrets.token_hex(8)
+        self.user = ""
+        self.database = ""
+        self.role = ""
+        self.identity = None
+        self.backend = None
+        self.pool = None
+        self.cancel_key: tuple[int, int] | None = None
+        self.audit_fields: dict = {}
+        self._startup_buf = bytearray()
+        self._reader = MessageReader(server.cfg.server.max_message_size)
+        self._scanner = ServerStreamScanner(_SERVER_WANTED, 1 << 20)
+        self._settings: dict[str, str] = {}
+        self._statements: dict[str, str] = {}   # prepared statement name -> text
+        self._portals: dict[str, tuple] = {}     # portal -> (text, params, formats)
+        self._units: deque = deque()             # what is waiting for a ReadyForQuery
+        self._close_reason = ""
+        self._auth_timer: asyncio.TimerHandle | None = None
+        self._login_task: asyncio.Task | None = None
+        self.connected_at = time.time()
+
+    # --- asyncio.Protocol --------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.Transport) -> None:
+        self.transport = transport
+        peer = transport.get_extra_info("peername")
+        self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer or "unix")
+        self._auth_timer = asyncio.get_running_loop().call_later(
+            self.server.cfg.server.auth_timeout_s, self._auth_timed_out)
+        if not self.server.admit(self):
+            self._fail(self.server.too_many())
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            if self.state is SessionState.READY:
+                self._relay_client(data)
+            elif self.state is SessionState.STARTUP:
+                self._startup(data)
+            elif self.state is SessionState.AUTHENTICATING:
+                self._password(data)
+            elif self.state is SessionState.LOGGING_IN:
+                raise protocol_violation("data sent before authentication finished")
+        except PgProxyError as exc:
+            self._fail(exc)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.state is SessionState.CLOSED and self.transport is None:
+            return
+        self.state = SessionState.CLOSED
+        if self._auth_timer:
+            self._auth_timer.cancel()
+        reason = self._close_reason or (f"client connection lost: {exc}" if exc else "client closed the connection")
+        if self.backend is not None:
+            self._return_backend(reason)
+        self.server.forget(self)
+        if self.identity is not None:
+            self.server.audit.event("session_end", session=self.session_id, user=self.user, role=self.role,
+                                    reason=reason, duration_s=round(time.time() - self.connected_at, 3))
+        log.info("client disconnected", extra={"session": self.session_id, "user": self.user or "-",
+                                               "client": self.peer, "reason": reason})
+        self.transport = None
+
+    def pause_writing(self) -> None:
+        # The client reads slower than the server sends: stop reading the server.
+        if self.backend is not None and self.backend.transport is not None:
+            self.backend.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        if self.backend is not None and self.backend.transport is not None:
+            self.backend.transport.resume_reading()
+
+    def pause_reading_client(self) -> None:
+        if self.transport is not None:
+            self.transport.pause_reading()
+
+    def resume_reading_client(self) -> None:
+        if self.transport is not None and self.state is SessionState.READY:
+            self.transport.resume_reading()
+
+    # --- errors and exits --------------------------------------------------------------
+
+    def _fail(self, exc: PgProxyError) -> None:
+        """The one way an error reaches the client; FATAL (and any error before READY) closes."""
+        level = logging.WARNING if isinstance(exc, ProxyFailure) or exc.fatal else logging.INFO
+        log.log(level, "session error", extra={"session": self.session_id, "user": self.user or "-",
+                                               "client": self.peer, "sqlstate": exc.sqlstate,
+                                               "reason": exc.log_detail})
+        if self.transport is None or self.transport.is_closing():
+            return
+        closing = exc.fatal or self.state is not SessionState.READY
+        if closing and exc.severity != "FATAL":
+            exc.severity = "FATAL"
+        self.transport.write(msg.error_response(exc))
+        if closing:
+            self._close(exc.log_detail)
+
+    def _close(self, reason: str) -> None:
+        self._close_reason = self._close_reason or reason
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.close()
+
+    def _auth_timed_out(self) -> None:
+        if self.state is not SessionState.READY:
+            self._fail(ProxyFailure("authentication timed out", sqlstate="08006", severity="FATAL"))
+
+    # --- STARTUP -----------------------------------------------------------------------
+
+    def _startup(self, data: bytes) -> None:
+        buf = self._startup_buf
+        buf += data
+        while self.state is SessionState.STARTUP:
+            packet = read_startup_packet(buf)
+            if packet is None:
+                return
+            code, body = packet
+            if code in (msg.SSL_REQUEST, msg.GSSENC_REQUEST):
+                if body:
+                    raise protocol_violation("malformed encryption request")
+                if buf:  # bytes sent before our answer could be injected by a man in the middle
+                    raise protocol_violation("data after encryption request before its answer")
+                self.transport.write(msg.SSL_REFUSED)
+            elif code == msg.CANCEL_REQUEST:
+                if len(body) != 8:
+                    raise protocol_violation("malformed cancel request")
+                pid, secret = struct.unpack("!iI", body)
+                self.server.cancel(pid, secret, self.peer)
+                self._close("cancel request")
+                return
+            elif code >> 16 == 3:
+                self._begin_auth(code & 0xFFFF, msg.parse_startup_params(body))
+                if buf:
+                    raise protocol_violation("data after startup packet before authentication")
+            else:
+                raise unsupported(f"protocol version {code >> 16}.{code & 0xFFFF}")
+
+    def _begin_auth(self, minor: int, params: dict[str, str]) -> None:
+        self.user = params.get("user", "")
+        if not self.user:
+            raise no_user_name()
+        self.database = params.get("database") or self.user
+        self._settings, protocol_options = client_settings(params)
+        allowed = self.server.cfg.backend.databases
+        if allowed and self.database not in allowed:
+            raise not_authorized(self.user, f'database "{self.database}" is not in backend.databases')
+        if minor or protocol_options:
+            self.transport.write(msg.negotiate_protocol_version(0, protocol_options))
+        self.transport.write(msg.AUTH_CLEARTEXT_PASSWORD)
+        self.state = SessionState.AUTHENTICATING
+
+    # --- AUTHENTICATING / LOGGING_IN ---------------------------------------------------
+
+    def _password(self, data: bytes) -> None:
+        messages = self._reader.feed(data)
+        if not messages:
+            return
+        if len(messages) > 1 or self._reader.buffered or messages[0][0] != ord("p"):
+            raise protocol_violation("expected exactly one password message")
+        secret = messages[0][1][5:]
+        if not secret.endswith(b"\0") or b"\0" in secret[:-1]:
+            raise protocol_violation("malformed password message")
+        self.state = SessionState.LOGGING_IN
+        self.transport.pause_reading()
+        self._login_task = asyncio.get_running_loop().create_task(
+            self._login(secret[:-1].decode("utf-8", "replace")))
+
+    async def _login(self, secret: str) -> None:
+        try:
+            await self._authenticate(secret)
+            del secret
+            await self._take_backend()
+        except PgProxyError as exc:
+            if exc.sqlstate in ("28P01", "28000"):
+                self.server.audit.event("auth_failure", session=self.session_id, user=self.user,
+                                        database=self.database, client=self.peer, reason=exc.log_detail)
+            self._fail(exc)
+        except Exception as exc:  # a bug must cost one session, never the proxy
+            log.exception("login failed unexpectedly", extra={"session": self.session_id})
+            self._fail(ProxyFailure("internal error", sqlstate="XX000", severity="FATAL", log_detail=repr(exc)))
+
+    async def _authenticate(self, secret: str) -> None:
+        if not secret:
+            raise auth_failed(self.user, "empty password")
+        identity = await self.server.authenticate(self.user, secret)
+        role = map_role(identity, self.server.cfg.roles, self.server.cfg.auth.default_role)
+        if role is None:
+            raise not_authorized(self.user, f"no [[roles]] rule matches (groups: {', '.join(identity.groups) or '-'})")
+        if role == self.server.cfg.backend.user:
+            raise not_authorized(self.user, "role mapping names the pool role itself; refusing")
+        self.identity, self.role = identity, role
+
+    async def _take_backend(self) -> None:
+        pool = self.server.pool_for(self.database)
+        backend = await pool.acquire()
+        identity = self.identity
+        app = self._settings.get("application_name") or "unknown"
+        identity_settings = {"pgproxy.user": identity.username, "pgproxy.groups": text_array(identity.groups),
+                             "pgproxy.auth_method": identity.auth_method, "pgproxy.subject": identity.subject,
+                             "pgproxy.session_id": self.session_id, "application_name": f"{identity.username} via {app}"}
+        try:
+            if self.state is not SessionState.CLOSED:
+                await backend.run(identity_sql(self.role, identity_settings, self._settings))
+        except ProxyFailure as exc:
+            # The switch runs as one implicit transaction: on error nothing was applied.
+            pool.release(backend, reusable=not backend.broken, reason="identity switch failed")
+            if exc.sqlstate.startswith(("42", "28")):
+                raise not_authorized(self.user, f'cannot become role "{self.role}": {exc.log_detail}') from None
+            raise
+        except BaseException:
+            pool.release(backend, reusable=False, reason="login interrupted")
+            raise
+        if self.state is SessionState.CLOSED:  # the client left while we worked
+            pool.release(backend, reusable=True, reason="client left during login")
+            return
+        self.pool, self.backend = pool, backend
+        self._finish_login(backend)
+
+    def _finish_login(self, backend) -> None:
+        self.cancel_key = self.server.register_cancel(self)
+        self.audit_fields = {"session": self.session_id, "user": self.user, "role": self.role,
+                             "auth_method": self.identity.auth_method}
+        params = dict(backend.params)
+        out = [msg.AUTH_OK]
+        out += [msg.parameter_status(k, v) for k, v in params.items()]
+        out += [msg.backend_key_data(*self.cancel_key), msg.ready_for_query(b"I")]
+        self.transport.write(b"".join(out))
+        self.state = SessionState.READY
+        if self._auth_timer:
+            self._auth_timer.cancel()
+        identity = self.identity
+        self.server.audit.event("session_start", session=self.session_id, user=self.user, role=self.role,
+                                subject=identity.subject, issuer=identity.issuer, groups=list(identity.groups),
+                                auth_method=identity.auth_method, client=self.peer, database=self.database,
+                                application_name=self._settings.get("application_name", ""),
+                                backend_pid=backend.pid)
+        log.info("session started", extra={"session": self.session_id, "user": self.user, "role": self.role,
+                                           "client": self.peer, "database": self.database, "backend_pid": backend.pid})
+        backend.attach(self)
+        self.transport.resume_reading()
+
+    # --- READY: client -> server -------------------------------------------------------
+
+    def _relay_client(self, data: bytes) -> None:
+        frames = self._reader.feed(data)
+        if not frames:
+            return
+        units = self._units
+        out = []
+        for kind, raw in frames:
+            if kind == _Q:
+                units.append(_Statement(msg.parse_query(raw[5:])))
+            elif kind in _CLIENT_TYPES:
+                if kind == _X:
+                    self._flush(out)
+                    self._close("client sent Terminate")
+                    return
+                self._track_extended(kind, raw)
+            else:
+                self._flush(out)
+                raise protocol_violation(f"unknown message type {bytes([kind])!r}")
+            out.append(raw)
+        self._flush(out)
+
+    def _flush(self, out: list[bytes]) -> None:
+        if out and self.backend is not None:
+            self.backend.write(out[0] if len(out) == 1 else b"".join(out))
+
+    def _track_extended(self, kind: int, raw: bytes) -> None:
+        units = self._units
+        if kind == _S:
+            if units and isinstance(units[-1], _Batch) and units[-1].open:
+                units[-1].open = False
+            else:
+                closed = _Batch()
+                closed.open = False
+                units.append(closed)
+            return
+        if kind == _F:
+            units.append(_Statement("<FunctionCall message>"))
+            return
+        if kind not in (_P, _B, _E, _C, ord("D"), ord("H")):
+            return  # CopyData/CopyDone/CopyFail and password messages belong to what is running
+        if not units or not isinstance(units[-1], _Batch) or not units[-1].open:
+            units.append(_Batch())
+        batch: _Batch = units[-1]
+        body = raw[5:]
+        if kind == _P:
+            parse = msg.parse_parse(body)
+            self._statements[parse.statement] = parse.query
+            batch.last_parse = parse.query
+        elif kind == _B:
+            bind = msg.parse_bind(body)
+            text = self._statements.get(bind.statement, "")
+            self._portals[bind.portal] = (text, bind.params, bind.param_formats)
+        elif kind == _E:
+            portal = msg.parse_execute_portal(body)
+            text, params, formats = self._portals.get(portal, ("", None, None))
+            batch.executes.append(_Statement(text, params, formats))
+        elif kind == _C:
+            what, name = msg.parse_close(body)
+            (self._statements if what == "S" else self._portals).pop(name, None)
+
+    # --- READY: server -> client -------------------------------------------------------
+
+    def server_data(self, data: bytes) -> None:
+        if self.transport is None:
+            return
+        self.transport.write(data)
+        try:
+            found = self._scanner.feed(data)
+        except PgProxyError as exc:
+            self.backend.close(f"unreadable server stream: {exc.log_detail}")
+            self._fail(ProxyFailure("server connection broken", sqlstate="08006", severity="FATAL"))
+            return
+        for kind, body in found:
+            self._server_message(kind, body)
+
+    def _server_message(self, kind: int, body: bytes) -> None:
+        units = self._units
+        if kind == _sZ:
+            self.backend.txn_status = body[:1]
+            if units:
+                self._finish_unit(units.popleft())
+            return
+        if kind == _sS:
+            name, value = msg.parse_parameter_status(body)
+            self.backend.params[name] = value
+            return
+        if not units:
+            return  # e.g. a NoticeResponse-like error outside any request; nothing to attribute
+        unit = units[0]
+        if isinstance(unit, _Statement):
+            statement = unit
+        elif unit.executes and not unit.failed:
+            statement = unit.executes[0] if kind == _sE else unit.executes.popleft()
+        elif kind == _sE:
+            statement = _Statement(unit.last_parse)  # failed before any Execute (Parse, Bind)
+            unit.executes.appendleft(statement)
+        else:
+            return
+        if kind == _sC:
+            tag, rows = msg.parse_command_tag(body)
+            statement.tags.append(tag)
+            if rows is not None:
+                statement.rows = (statement.rows or 0) + rows
+        elif kind == _sE:
+            statement.sqlstate = msg.parse_error_fields(body).get("C", "XX000")
+            if isinstance(unit, _Batch):
+                unit.failed = True
+        elif kind == _sI:
+            statement.tags.append("EMPTY")
+        if isinstance(unit, _Batch) and kind != _sE:
+            self._audit(statement, "suspended" if kind == _ss else "ok")
+
+    def _finish_unit(self, unit) -> None:
+        if isinstance(unit, _Statement):
+            self._audit(unit, "error" if unit.sqlstate else "ok")
+            return
+        first = True
+        for statement in unit.executes:
+            self._audit(statement, "error" if first and unit.failed else "skipped")
+            first = False
+
+    def _audit(self, st: _Statement, outcome: str) -> None:
+        self.server.audit.statement(self.audit_fields, st.text, st.params, st.formats, st.tags, st.rows,
+                                    st.started, time.perf_counter() - st.t0, outcome, st.sqlstate,
+                                    self.backend.pid if self.backend else None)
+
+    def server_lost(self, reason: str) -> None:
+        for unit in self._units:
+            statements = [unit] if isinstance(unit, _Statement) else list(unit.executes)
+            for st in statements:
+                st.sqlstate = st.sqlstate or "08006"
+                self._audit(st, "connection_lost")
+        self._units.clear()
+        self._close(f"server connection lost: {reason}")
+
+    # --- leaving -----------------------------------------------------------------------
+
+    def _return_backend(self, reason: str) -> None:
+        backend, pool = self.backend, self.pool
+        self.backend = None
+        reusable = not self._units and self._scanner.at_boundary
+        for unit in self._units:  # statements still running when the client left
+            for st in ([unit] if isinstance(unit, _Statement) else unit.executes):
+                self._audit_lost(st, backend)
+        pool.release(backend, reusable, reason=f"client left mid-request ({reason})" if not reusable else reason)
+
+    def _audit_lost(self, st: _Statement, backend) -> None:
+        self.server.audit.statement(self.audit_fields, st.text, st.params, st.formats, st.tags, st.rows,
+                                    st.started, time.perf_counter() - st.t0, "client_gone", st.sqlstate,
+                                    backend.pid)
+

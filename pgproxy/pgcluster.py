@@ -1,0 +1,112 @@
+"""A throwaway PostgreSQL cluster: initdb into a temporary directory, start, stop, remove.
+
+Used by ``pgproxy demo``, the tests and the benchmark. PostgreSQL refuses to run as
+root, so when we are root the cluster runs as an unprivileged user (``postgres`` if it
+exists, else ``nobody``). The superuser ``postgres`` logs in over the Unix socket
+without a password; TCP logins on loopback use SCRAM-SHA-256.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import pwd
+import shutil
+import socket
+import subprocess
+import tempfile
+from pathlib import Path
+
+
+def find_bindir() -> Path:
+    candidates = []
+    try:
+        out = subprocess.run(["pg_config", "--bindir"], capture_output=True, text=True, check=True).stdout.strip()
+        candidates.append(Path(out))
+    except (OSError, subprocess.CalledProcessError):
+        pass
+    candidates += sorted((Path(p) for p in glob.glob("/usr/lib/postgresql/*/bin")),
+                         key=lambda p: int(p.parent.name) if p.parent.name.isdigit() else 0, reverse=True)
+    for path in candidates:
+        if (path / "initdb").exists() and (path / "postgres").exists():
+            return path
+    found = shutil.which("initdb")
+    if found:
+        return Path(os.path.realpath(found)).parent
+    raise RuntimeError("PostgreSQL server binaries not found: install Debian's postgresql package")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class PgCluster:
+    def __init__(self, port: int | None = None, settings: dict[str, str] | None = None) -> None:
+        self.bindir = find_bindir()
+        self.port = port or free_port()
+        self.dir = Path(tempfile.mkdtemp(prefix="pgproxy-pg-"))
+        self.data = self.dir / "data"
+        self.socket_dir = self.dir / "sock"
+        self.settings = settings or {}
+        self._user = None
+        if os.geteuid() == 0:
+            name = "postgres" if _user_exists("postgres") else "nobody"
+            self._user = pwd.getpwnam(name)
+            os.chown(self.dir, self._user.pw_uid, self._user.pw_gid)
+        self.dir.chmod(0o755)
+
+    @property
+    def host(self) -> str:
+        return "127.0.0.1"
+
+    def _run(self, args: list[str], **kwargs) -> subprocess.CompletedProcess:
+        if self._user is not None:
+            kwargs.update(user=self._user.pw_uid, group=self._user.pw_gid, extra_groups=[])
+        return subprocess.run(args, check=True, capture_output=True, text=True, cwd=self.dir, **kwargs)
+
+    def start(self) -> "PgCluster":
+        self._run([str(self.bindir / "initdb"), "-D", str(self.data), "-U", "postgres", "-E", "UTF8",
+                   "--locale=C", "--auth-local=trust", "--auth-host=scram-sha-256"])
+        self._run(["mkdir", "-p", str(self.socket_dir)])
+        conf = {"listen_addresses": "'127.0.0.1'", "port": str(self.port),
+                "unix_socket_directories": f"'{self.socket_dir}'", "max_connections": "300",
+                "fsync": "off", "synchronous_commit": "off", "full_page_writes": "off",
+                "logging_collector": "off", "log_connections": "off", **self.settings}
+        with open(self.data / "postgresql.conf", "a") as fh:
+            fh.writelines(f"{k} = {v}\n" for k, v in conf.items())
+        self._run([str(self.bindir / "pg_ctl"), "-D", str(self.data), "-l", str(self.dir / "postgres.log"),
+                   "-w", "-t", "60", "start"])
+        return self
+
+    def psql(self, sql: str, database: str = "postgres", user: str = "postgres") -> str:
+        """Run SQL as the superuser over the Unix socket; return psql's unaligned output."""
+        psql = self.bindir / "psql"
+        if not psql.exists():
+            psql = Path(shutil.which("psql") or "psql")
+        out = subprocess.run([str(psql), "-X", "-q", "-A", "-t", "-v", "ON_ERROR_STOP=1", "-h", str(self.socket_dir),
+                              "-p", str(self.port), "-U", user, "-d", database],
+                             input=sql, check=True, capture_output=True, text=True)
+        return out.stdout.strip()
+
+    def stop(self) -> None:
+        try:
+            self._run([str(self.bindir / "pg_ctl"), "-D", str(self.data), "-m", "fast", "-w", "stop"])
+        except subprocess.CalledProcessError:
+            pass
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+    def __enter__(self) -> "PgCluster":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def _user_exists(name: str) -> bool:
+    try:
+        pwd.getpwnam(name)
+        return True
+    except KeyError:
+        return False

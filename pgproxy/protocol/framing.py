@@ -1,0 +1,152 @@
+"""Framing: cutting byte streams into PostgreSQL messages, bounded before allocating.
+
+Three readers, one per stream shape:
+
+* ``read_startup_packet`` — the untyped first packet (StartupMessage, SSLRequest,
+  GSSENCRequest, CancelRequest): int32 length, int32 code, body.
+* ``MessageReader`` — typed messages (type byte + int32 length) read completely. Used
+  for client -> proxy traffic, which the proxy must see whole before forwarding, and for
+  server -> proxy traffic while the proxy itself talks to the server.
+* ``ServerStreamScanner`` — the relay's server -> client direction. The caller forwards
+  each chunk as is; the scanner walks only the message headers and hands back the
+  bodies of the few message types the proxy must read (CommandComplete,
+  ReadyForQuery, ...). Everything else (DataRow, RowDescription, CopyData) is skipped
+  without being copied.
+
+Every length is checked against a maximum before a byte of its body is kept; a bad
+length is a protocol violation (08P01) for that connection only.
+"""
+
+from __future__ import annotations
+
+import struct
+
+from pgproxy.errors import protocol_violation
+from pgproxy.protocol.messages import MAX_STARTUP_PACKET
+
+_HDR = struct.Struct("!cI")
+_HDR_LEN = struct.Struct("!I")
+_STARTUP = struct.Struct("!ii")
+
+
+def read_startup_packet(buf: bytearray) -> tuple[int, bytes] | None:
+    """Take one startup-phase packet off ``buf``: (code, body) or None when incomplete."""
+    if len(buf) < 8:
+        return None
+    length, code = _STARTUP.unpack_from(buf)
+    if length < 8 or length > MAX_STARTUP_PACKET:
+        raise protocol_violation(f"invalid startup packet length {length}")
+    if len(buf) < length:
+        return None
+    body = bytes(buf[8:length])
+    del buf[:length]
+    return code, body
+
+
+class MessageReader:
+    """Cuts a stream into whole typed messages of at most ``max_size`` bytes."""
+
+    __slots__ = ("_buf", "_max")
+
+    def __init__(self, max_size: int) -> None:
+        self._buf = bytearray()
+        self._max = max_size
+
+    def feed(self, data: bytes) -> list[tuple[int, bytes]]:
+        """Add bytes; return each message now complete as (type, raw) with its header."""
+        buf = self._buf
+        if not buf:
+            return self._split(data)
+        buf += data
+        out = self._split(buf)
+        return out
+
+    def _split(self, data: bytes | bytearray) -> list[tuple[int, bytes]]:
+        out: list[tuple[int, bytes]] = []
+        pos, end = 0, len(data)
+        max_size = self._max
+        while end - pos >= 5:
+            kind, length = _HDR.unpack_from(data, pos)
+            if length < 4 or length > max_size:
+                raise protocol_violation(f"invalid message length {length}")
+            stop = pos + 1 + length
+            if stop > end:
+                break
+            out.append((kind[0], bytes(data[pos:stop])))
+            pos = stop
+        if data is self._buf:
+            del self._buf[:pos]
+        elif pos < end:
+            # A length check on a partial header happens when the rest arrives.
+            self._buf += data[pos:]
+        return out
+
+    @property
+    def buffered(self) -> int:
+        return len(self._buf)
+
+
+class ServerStreamScanner:
+    """Follows message boundaries across forwarded chunks without copying skipped bodies."""
+
+    __slots__ = ("_wanted", "_max", "_skip", "_head", "_kind", "_need", "_body")
+
+    def __init__(self, wanted: bytes, max_body: int) -> None:
+        self._wanted = frozenset(wanted)
+        self._max = max_body
+        self._skip = 0            # bytes still to pass of a message nobody reads
+        self._head = bytearray()  # a header split across chunks
+        self._kind = 0            # type of a wanted message whose body is incomplete
+        self._need = 0            # bytes of that body still missing
+        self._body = bytearray()
+
+    def feed(self, data: bytes) -> list[tuple[int, bytes]]:
+        out: list[tuple[int, bytes]] = []
+        pos, end = 0, len(data)
+        wanted = self._wanted
+        while pos < end:
+            if self._skip:
+                take = min(self._skip, end - pos)
+                self._skip -= take
+                pos += take
+                continue
+            if self._need:
+                take = min(self._need, end - pos)
+                self._body += data[pos:pos + take]
+                self._need -= take
+                pos += take
+                if not self._need:
+                    out.append((self._kind, bytes(self._body)))
+                    self._body.clear()
+                continue
+            if self._head or end - pos < 5:
+                take = min(5 - len(self._head), end - pos)
+                self._head += data[pos:pos + take]
+                pos += take
+                if len(self._head) < 5:
+                    continue
+                kind, length = _HDR.unpack(self._head)
+                self._head.clear()
+            else:
+                kind, length = _HDR.unpack_from(data, pos)
+                pos += 5
+            if length < 4:
+                raise protocol_violation(f"invalid server message length {length}")
+            size = length - 4
+            kind = kind[0]
+            if kind not in wanted:
+                self._skip = size
+            elif size > self._max:
+                raise protocol_violation(f"server message of {size} bytes is too large to read")
+            elif end - pos >= size:
+                out.append((kind, bytes(data[pos:pos + size])))
+                pos += size
+            elif size:
+                self._kind, self._need = kind, size
+            else:
+                out.append((kind, b""))
+        return out
+
+    @property
+    def at_boundary(self) -> bool:
+        return not (self._skip or self._need or self._head)

@@ -1,0 +1,242 @@
+"""Encoders and decoders for the PostgreSQL v3 messages pgproxy reads or writes.
+
+Encoders return ready-to-send ``bytes``; decoders take a message *body* (without the
+type byte and length) and raise ``ClientError`` (08P01) on malformed input, so a bad
+peer can never raise anything but a protocol violation.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+
+from pgproxy.errors import PgProxyError, protocol_violation
+
+_I32 = struct.Struct("!i")
+_HDR = struct.Struct("!cI")
+
+PROTOCOL_3_0 = 196608
+SSL_REQUEST = 80877103
+GSSENC_REQUEST = 80877104
+CANCEL_REQUEST = 80877102
+MAX_STARTUP_PACKET = 10_000  # PostgreSQL's own MAX_STARTUP_PACKET_LENGTH
+
+
+def message(kind: bytes, body: bytes = b"") -> bytes:
+    return _HDR.pack(kind, len(body) + 4) + body
+
+
+def cstr(text: str) -> bytes:
+    return text.encode() + b"\0"
+
+
+# --- proxy -> client ----------------------------------------------------------------
+
+AUTH_OK = message(b"R", _I32.pack(0))
+AUTH_CLEARTEXT_PASSWORD = message(b"R", _I32.pack(3))
+SSL_REFUSED = b"N"
+
+
+def error_response(err: PgProxyError) -> bytes:
+    return _fields_message(b"E", err.severity, err.sqlstate, err.message)
+
+
+def notice_response(sqlstate: str, text: str, severity: str = "NOTICE") -> bytes:
+    return _fields_message(b"N", severity, sqlstate, text)
+
+
+def _fields_message(kind: bytes, severity: str, sqlstate: str, text: str) -> bytes:
+    body = (b"S" + cstr(severity) + b"V" + cstr(severity) + b"C" + cstr(sqlstate)
+            + b"M" + cstr(text) + b"\0")
+    return message(kind, body)
+
+
+def ready_for_query(status: bytes = b"I") -> bytes:
+    return message(b"Z", status)
+
+
+def parameter_status(name: str, value: str) -> bytes:
+    return message(b"S", cstr(name) + cstr(value))
+
+
+def backend_key_data(pid: int, secret: int) -> bytes:
+    return message(b"K", struct.pack("!iI", pid, secret))
+
+
+def negotiate_protocol_version(newest_minor: int, unknown_options: list[str]) -> bytes:
+    body = struct.pack("!ii", newest_minor, len(unknown_options))
+    body += b"".join(cstr(o) for o in unknown_options)
+    return message(b"v", body)
+
+
+# --- proxy -> server ----------------------------------------------------------------
+
+def startup_message(params: dict[str, str]) -> bytes:
+    body = _I32.pack(PROTOCOL_3_0) + b"".join(cstr(k) + cstr(v) for k, v in params.items()) + b"\0"
+    return _I32.pack(len(body) + 4) + body
+
+
+def cancel_request(pid: int, secret: int) -> bytes:
+    return struct.pack("!iiiI", 16, CANCEL_REQUEST, pid, secret)
+
+
+def password_message(secret: bytes) -> bytes:
+    return message(b"p", secret)
+
+
+def sasl_initial_response(mechanism: str, data: bytes) -> bytes:
+    return message(b"p", cstr(mechanism) + _I32.pack(len(data)) + data)
+
+
+def query(text: str) -> bytes:
+    return message(b"Q", cstr(text))
+
+
+TERMINATE = message(b"X")
+SYNC = message(b"S")
+
+
+# --- decoding -----------------------------------------------------------------------
+
+class BodyReader:
+    """Reads fields off one message body; any overrun is a protocol violation."""
+
+    __slots__ = ("body", "pos")
+
+    def __init__(self, body: bytes) -> None:
+        self.body = body
+        self.pos = 0
+
+    def cstr(self) -> str:
+        end = self.body.find(b"\0", self.pos)
+        if end < 0:
+            raise protocol_violation("unterminated string")
+        raw = self.body[self.pos:end]
+        self.pos = end + 1
+        try:
+            return raw.decode()
+        except UnicodeDecodeError:
+            raise protocol_violation("invalid UTF-8 in a string field") from None
+
+    def int16(self) -> int:
+        return self._unpack("!h", 2)
+
+    def int32(self) -> int:
+        return self._unpack("!i", 4)
+
+    def take(self, n: int) -> bytes:
+        if n < 0 or self.pos + n > len(self.body):
+            raise protocol_violation("field runs past the end of the message")
+        raw = self.body[self.pos:self.pos + n]
+        self.pos += n
+        return raw
+
+    def _unpack(self, fmt: str, size: int) -> int:
+        if self.pos + size > len(self.body):
+            raise protocol_violation("message too short")
+        (value,) = struct.unpack_from(fmt, self.body, self.pos)
+        self.pos += size
+        return value
+
+    def rest(self) -> bytes:
+        return self.body[self.pos:]
+
+
+def parse_startup_params(body: bytes) -> dict[str, str]:
+    """Key/value pairs of a StartupMessage body after the protocol code."""
+    reader = BodyReader(body)
+    params: dict[str, str] = {}
+    while True:
+        if reader.pos >= len(body):
+            raise protocol_violation("startup packet is not terminated")
+        if body[reader.pos] == 0:
+            if reader.pos != len(body) - 1:
+                raise protocol_violation("bytes after the end of the startup packet")
+            return params
+        key = reader.cstr()
+        value = reader.cstr()
+        if key in params:
+            raise protocol_violation(f'startup parameter "{key}" given twice')
+        params[key] = value
+
+
+def parse_query(body: bytes) -> str:
+    return BodyReader(body).cstr()
+
+
+@dataclass(slots=True)
+class Parse:
+    statement: str
+    query: str
+
+
+def parse_parse(body: bytes) -> Parse:
+    reader = BodyReader(body)
+    return Parse(reader.cstr(), reader.cstr())
+
+
+@dataclass(slots=True)
+class Bind:
+    portal: str
+    statement: str
+    param_formats: list[int]
+    params: list[bytes | None]
+
+
+def parse_bind(body: bytes) -> Bind:
+    reader = BodyReader(body)
+    portal, statement = reader.cstr(), reader.cstr()
+    formats = [reader.int16() for _ in range(_count(reader))]
+    params: list[bytes | None] = []
+    for _ in range(_count(reader)):
+        size = reader.int32()
+        params.append(None if size == -1 else reader.take(size))
+    return Bind(portal, statement, formats, params)
+
+
+def _count(reader: BodyReader) -> int:
+    n = reader.int16()
+    if n < 0:
+        raise protocol_violation("negative count")
+    return n
+
+
+def parse_execute_portal(body: bytes) -> str:
+    return BodyReader(body).cstr()
+
+
+def parse_close(body: bytes) -> tuple[str, str]:
+    """(kind, name) of a Close or Describe: kind is 'S' (statement) or 'P' (portal)."""
+    reader = BodyReader(body)
+    kind = reader.take(1).decode("latin-1")
+    if kind not in ("S", "P"):
+        raise protocol_violation("Close/Describe names neither a statement nor a portal")
+    return kind, reader.cstr()
+
+
+def parse_error_fields(body: bytes) -> dict[str, str]:
+    """Fields of an ErrorResponse or NoticeResponse, keyed by their one-letter code."""
+    fields: dict[str, str] = {}
+    pos = 0
+    while pos < len(body) and body[pos] != 0:
+        end = body.find(b"\0", pos + 1)
+        if end < 0:
+            break
+        fields[chr(body[pos])] = body[pos + 1:end].decode("utf-8", "replace")
+        pos = end + 1
+    return fields
+
+
+def parse_parameter_status(body: bytes) -> tuple[str, str]:
+    name, _, rest = body.partition(b"\0")
+    return name.decode("utf-8", "replace"), rest.rstrip(b"\0").decode("utf-8", "replace")
+
+
+def parse_command_tag(body: bytes) -> tuple[str, int | None]:
+    """('SELECT 3' body) -> ('SELECT', 3); rows is None for tags without a count."""
+    tag = body.rstrip(b"\0").decode("ascii", "replace")
+    head, _, last = tag.rpartition(" ")
+    if head and last.isdigit():
+        verb = head.split(" ")[0]
+        return verb, int(last)
+    return tag, None

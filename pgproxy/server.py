@@ -1,0 +1,145 @@
+"""The proxy process: listeners, the sessions they accept, pools, cancel keys, shutdown.
+
+Lifecycle (as uvicorn does it): ``start`` binds every listener and starts the janitor;
+``shutdown`` stops accepting, gives sessions ``server.shutdown_timeout_s`` to finish,
+ends the rest with 57P01, closes the pools and flushes the audit trail.
+
+The janitor is the one place for periodic work: once a second it lets every pool close
+idle connections past their idle timeout or lifetime.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+import secrets
+import struct
+
+from pgproxy.audit import AuditLog
+from pgproxy.auth.jwt import JwtAuthenticator, looks_like_jwt
+from pgproxy.backend.connection import send_cancel
+from pgproxy.backend.pool import Pool
+from pgproxy.config import Config, parse_listen
+from pgproxy.errors import auth_failed, shutting_down, too_many_clients
+from pgproxy.frontend.session import ClientSession
+from pgproxy.protocol import messages as msg
+
+log = logging.getLogger("pgproxy.server")
+
+JANITOR_INTERVAL_S = 1.0
+
+
+class ProxyServer:
+    def __init__(self, cfg: Config) -> None:
+        self.cfg = cfg
+        self.audit = AuditLog(cfg.audit)
+        self.jwt = JwtAuthenticator(cfg.auth.jwt, cfg.jwt_shared_secret) if cfg.auth.jwt else None
+        self._pools: dict[str, Pool] = {}
+        self._sessions: set[ClientSession] = set()
+        self._cancel_keys: dict[int, ClientSession] = {}
+        self._listeners: list[asyncio.AbstractServer] = []
+        self._janitor: asyncio.Task | None = None
+        self.addresses: list[tuple[str, int]] = []
+
+    # --- what sessions ask of the server ---------------------------------------------
+
+    def admit(self, session: ClientSession) -> bool:
+        if len(self._sessions) >= self.cfg.server.max_clients:
+            return False
+        self._sessions.add(session)
+        return True
+
+    @staticmethod
+    def too_many():
+        return too_many_clients()
+
+    def forget(self, session: ClientSession) -> None:
+        self._sessions.discard(session)
+        if session.cancel_key is not None:
+            self._cancel_keys.pop(session.cancel_key[0], None)
+
+    async def authenticate(self, user: str, secret: str):
+        if self.jwt is not None and looks_like_jwt(secret):
+            return await self.jwt.authenticate(user, secret)
+        raise auth_failed(user, "password is not a JWT and no other authenticator is configured")
+
+    def pool_for(self, database: str) -> Pool:
+        pool = self._pools.get(database)
+        if pool is None:
+            pool = self._pools[database] = Pool(self.cfg.backend, database, self.cfg.backend_password)
+        return pool
+
+    def register_cancel(self, session: ClientSession) -> tuple[int, int]:
+        while True:
+            pid = secrets.randbelow(2**31 - 1) + 1
+            if pid not in self._cancel_keys:
+                break
+        self._cancel_keys[pid] = session
+        return pid, secrets.randbits(32)
+
+    def cancel(self, pid: int, secret: int, peer: str) -> None:
+        session = self._cancel_keys.get(pid)
+        ok = session is not None and session.cancel_key is not None and hmac.compare_digest(
+            struct.pack("!I", session.cancel_key[1]), struct.pack("!I", secret))
+        if not ok or session.backend is None:
+            log.info("cancel request ignored", extra={"client": peer, "reason": "unknown key" if not ok else "idle"})
+            return
+        backend = session.backend
+        log.info("forwarding cancel request", extra={"session": session.session_id, "backend_pid": backend.pid})
+        task = asyncio.get_running_loop().create_task(
+            send_cancel(self.cfg.backend.host, self.cfg.backend.port, backend.pid, backend.secret))
+        task.add_done_callback(_log_cancel_failure)
+
+    def statistics(self) -> dict:
+        return {"clients": len(self._sessions), "pools": [p.statistics() for p in self._pools.values()],
+                "audit_queue": self.audit.depth, "audit_written": self.audit.records_written}
+
+    # --- lifecycle ---------------------------------------------------------------------
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        for entry in self.cfg.server.listen:
+            host, port = parse_listen(entry)
+            listener = await loop.create_server(lambda: ClientSession(self), host, port,
+                                                reuse_address=True, backlog=1024)
+            self._listeners.append(listener)
+            for sock in listener.sockets:
+                self.addresses.append(sock.getsockname()[:2])
+        self._janitor = loop.create_task(self._janitor_loop())
+        log.info("listening", extra={"addresses": ",".join(f"{h}:{p}" for h, p in self.addresses)})
+
+    async def _janitor_loop(self) -> None:
+        while True:
+            await asyncio.sleep(JANITOR_INTERVAL_S)
+            for pool in list(self._pools.values()):
+                try:
+                    pool.janitor_tick()
+                except Exception:
+                    log.exception("janitor failed on a pool", extra={"database": pool.database})
+
+    async def shutdown(self) -> None:
+        log.info("shutting down", extra={"sessions": len(self._sessions)})
+        for listener in self._listeners:
+            listener.close()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.cfg.server.shutdown_timeout_s
+        while self._sessions and loop.time() < deadline:
+            await asyncio.sleep(0.05)
+        for session in list(self._sessions):
+            session._fail(shutting_down())
+        await asyncio.sleep(0)  # let connection_lost run for what we just closed
+        if self._janitor:
+            self._janitor.cancel()
+        for pool in self._pools.values():
+            await pool.close()
+        self.audit.close()
+        log.info("stopped")
+
+
+def _log_cancel_failure(task: asyncio.Task) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.warning("cancel request could not be forwarded", extra={"reason": str(task.exception())})
+
+
+__all__ = ["ProxyServer", "msg"]
