@@ -1,0 +1,79 @@
+"""Shared fixtures: a real PostgreSQL with the demo schema, the dev issuer, and pgproxy processes."""
+
+from __future__ import annotations
+
+import secrets
+import shutil
+
+import pytest
+
+from pgproxy.auth.devissuer import DevIssuer
+from pgproxy.demo import POOL_ROLE, SCHEMA
+from tests.support.database import start_database
+from tests.support.proxy import ProxyProcess, merge
+
+# Extra grants the tests need beyond the demo: temp tables (to prove they do not leak
+# between sessions) and a writable table.
+TEST_GRANTS = """
+\\c demo
+GRANT TEMPORARY ON DATABASE demo TO emea_analyst, amer_analyst;
+CREATE TABLE items (id int PRIMARY KEY, name text);
+GRANT SELECT, INSERT, UPDATE, DELETE ON items TO emea_analyst, amer_analyst;
+CREATE ROLE other_role NOLOGIN;
+GRANT other_role TO pgproxy_pool;
+"""
+
+
+@pytest.fixture(scope="session")
+def database():
+    if not shutil.which("psql"):
+        pytest.fail("psql is required: install Debian's postgresql-client (.ci/run does)")
+    db = start_database()
+    password = secrets.token_urlsafe(12)
+    db.psql(SCHEMA.format(pool=POOL_ROLE, password=password))
+    db.psql(TEST_GRANTS)
+    db.pool_password = password
+    yield db
+    db.stop()
+
+
+@pytest.fixture(scope="session")
+def issuer():
+    dev = DevIssuer().start()
+    yield dev
+    dev.stop()
+
+
+@pytest.fixture(scope="session")
+def base_config(database, issuer, tmp_path_factory):
+    password_file = tmp_path_factory.mktemp("secrets") / "pool-password"
+    password_file.write_text(database.pool_password + "\n")
+    return {
+        "backend": {"host": database.host, "port": database.port, "user": POOL_ROLE,
+                    "password_file": str(password_file), "pool_size": 5},
+        "auth": {"jwt": {"issuer": issuer.url, "audience": "pgproxy", "jwks_refresh_min_interval_s": 0.5}},
+        "roles": [{"group": "sales_emea", "role": "emea_analyst"}, {"group": "sales_amer", "role": "amer_analyst"}],
+    }
+
+
+@pytest.fixture(scope="session")
+def proxy(base_config):
+    """One shared pgproxy with the default test config."""
+    process = ProxyProcess(base_config)
+    yield process
+    process.stop()
+
+
+@pytest.fixture
+def make_proxy(base_config):
+    """Start a pgproxy with config overrides for one test."""
+    started = []
+
+    def start(**overrides) -> ProxyProcess:
+        process = ProxyProcess(merge(base_config, overrides))
+        started.append(process)
+        return process
+
+    yield start
+    for process in started:
+        process.stop()

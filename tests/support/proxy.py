@@ -1,0 +1,103 @@
+"""pgproxy as a real process, with a config the test chooses."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from pgproxy.pgcluster import free_port
+
+
+def to_toml(table: dict, prefix: str = "") -> str:
+    """Enough TOML for our configs: scalars, lists of scalars, tables, arrays of tables."""
+    lines, tables = [], []
+    for key, value in table.items():
+        if isinstance(value, dict):
+            tables.append((key, value))
+        elif isinstance(value, list) and value and isinstance(value[0], dict):
+            tables.extend((f"[{key}]", item) for item in value)
+        else:
+            lines.append(f"{key} = {json.dumps(value)}")
+    out = "\n".join(lines) + "\n"
+    for key, value in tables:
+        if key.startswith("["):
+            name = f"{prefix}{key[1:-1]}"
+            out += f"\n[[{name}]]\n" + to_toml(value, f"{name}.")
+        else:
+            name = f"{prefix}{key}"
+            out += f"\n[{name}]\n" + to_toml(value, f"{name}.")
+    return out
+
+
+def merge(base: dict, override: dict) -> dict:
+    out = dict(base)
+    for key, value in override.items():
+        out[key] = merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+class ProxyProcess:
+    def __init__(self, config: dict) -> None:
+        self.dir = Path(tempfile.mkdtemp(prefix="pgproxy-test-"))
+        self.port = free_port()
+        self.audit_path = self.dir / "audit.jsonl"
+        config = merge({"server": {"listen": [f"127.0.0.1:{self.port}"]}, "audit": {"file": str(self.audit_path)},
+                        "log": {"level": "debug"}}, config)
+        self.config_path = self.dir / "pgproxy.toml"
+        self.config_path.write_text(to_toml(config))
+        self.log_path = self.dir / "pgproxy.log"
+        self._log = open(self.log_path, "wb")
+        self.process = subprocess.Popen([sys.executable, "-m", "pgproxy", "serve", "-c", str(self.config_path)],
+                                        stdout=self._log, stderr=subprocess.STDOUT)
+        self._wait_listening()
+
+    def _wait_listening(self) -> None:
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"pgproxy exited: {self.log()}")
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
+                return
+            except OSError:
+                time.sleep(0.05)
+        raise RuntimeError(f"pgproxy did not start listening: {self.log()}")
+
+    def log(self) -> str:
+        self._log.flush()
+        return self.log_path.read_text(errors="replace")
+
+    def audit(self, wait_for=None, timeout: float = 5.0) -> list[dict]:
+        """Audit records so far; with ``wait_for`` (a predicate), wait until one matches."""
+        deadline = time.monotonic() + timeout
+        while True:
+            records = [json.loads(line) for line in self.audit_path.read_text().splitlines() if line.strip()] \
+                if self.audit_path.exists() else []
+            if wait_for is None or any(wait_for(r) for r in records) or time.monotonic() > deadline:
+                return records
+            time.sleep(0.05)
+
+    def dsn(self, user: str, database: str = "demo", **extra) -> str:
+        parts = {"host": "127.0.0.1", "port": self.port, "user": user, "dbname": database, **extra}
+        return " ".join(f"{k}={v}" for k, v in parts.items())
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 15) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(sig)
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self._log.close()
+        return self.process.returncode
+
+    def env(self, password: str, **extra) -> dict:
+        return {**os.environ, "PGPASSWORD": password, **extra}
