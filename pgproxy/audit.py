@@ -16,8 +16,10 @@ from __future__ import annotations
 import json
 import logging
 import queue
+import struct
 import threading
 import time
+import uuid
 from datetime import datetime, timezone
 
 from pgproxy.config import AuditSection
@@ -113,17 +115,46 @@ class AuditLog:
             out["parameters"] = [self._render_param(i, p, formats) for i, p in enumerate(params)]
         return out
 
-    def _render_param(self, index: int, value: bytes | None, formats: list | None):
+    def _render_param(self, index: int, value: bytes | None, formats_and_types: tuple | None):
         if value is None:
             return None
         if self._cfg.parameters == "redacted":
             return "<redacted>"
-        fmt = formats[0] if formats and len(formats) == 1 else (formats[index] if formats else 0)
+        formats, types = formats_and_types or ((), ())
+        fmt = formats[0] if len(formats) == 1 else (formats[index] if index < len(formats) else 0)
         if fmt == 1:
-            return f"<binary {len(value)} bytes>"
-        text = value.decode("utf-8", "replace")
+            oid = types[index] if index < len(types) else 0
+            text = decode_binary(oid, value)
+            if text is None:
+                return f"<binary {len(value)} bytes>"
+        else:
+            text = value.decode("utf-8", "replace")
         limit = self._cfg.max_parameter_length
         return text if len(text) <= limit else text[:limit] + "…"
+
+
+_BINARY_NUMBERS = {21: "!h", 23: "!i", 20: "!q", 26: "!I", 700: "!f", 701: "!d"}
+_BINARY_TEXT = {25, 1043, 19, 705, 114, 1042}
+
+
+def decode_binary(oid: int, value: bytes) -> str | None:
+    """Readable text for a binary-format parameter of a common type, else None."""
+    try:
+        if oid in _BINARY_NUMBERS:
+            return str(struct.unpack(_BINARY_NUMBERS[oid], value)[0])
+        if oid == 16 and len(value) == 1:
+            return "true" if value[0] else "false"
+        if oid in _BINARY_TEXT:
+            return value.decode("utf-8", "replace")
+        if oid == 3802 and value[:1] == b"\x01":  # jsonb: version byte, then text
+            return value[1:].decode("utf-8", "replace")
+        if oid == 2950 and len(value) == 16:
+            return str(uuid.UUID(bytes=value))
+        if oid == 17:
+            return "\\x" + value.hex()
+    except (struct.error, ValueError):
+        return None
+    return None
 
 
 def _iso(ts: float) -> str:

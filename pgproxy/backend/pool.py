@@ -17,7 +17,7 @@ import time
 from collections import deque
 from dataclasses import dataclass
 
-from pgproxy.backend.connection import BackendConnection, BackendState, open_connection
+from pgproxy.backend.connection import BackendConnection, BackendState, open_connection, send_cancel
 from pgproxy.config import BackendSection
 from pgproxy.errors import PgProxyError, pool_timeout
 
@@ -111,16 +111,30 @@ class Pool:
         log.debug("opened backend connection", extra={"database": self.database, "backend_pid": conn.pid})
         return conn
 
-    def release(self, conn: BackendConnection, reusable: bool, reason: str = "") -> None:
-        """Take a connection back from a session. Not reusable means: close it."""
+    def release(self, conn: BackendConnection, reusable: bool, reason: str = "", busy: bool = False) -> None:
+        """Take a connection back from a session. Not reusable means: close it.
+
+        ``busy``: a request may still be running. PostgreSQL does not notice a closed
+        socket until it next reads, so the running query is cancelled first.
+        """
         conn.detach()
         if not reusable or conn.broken or self.closed:
+            if busy and not conn.broken:
+                self._spawn(send_cancel(self._cfg.host, self._cfg.port, conn.pid, conn.secret))
             conn.close(reason or conn.close_reason or "not reusable")
             self._forget(conn, reason)
             return
-        task = asyncio.get_running_loop().create_task(self._reset_and_return(conn))
+        self._spawn(self._reset_and_return(conn))
+
+    def _spawn(self, coro) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
         self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        task.add_done_callback(self._task_done)
+
+    def _task_done(self, task: asyncio.Task) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.warning("pool task failed", extra={"database": self.database, "reason": repr(task.exception())})
 
     async def _reset_and_return(self, conn: BackendConnection) -> None:
         self.stats.resets += 1

@@ -99,7 +99,7 @@ class ClientSession(asyncio.Protocol):
         self._reader = MessageReader(server.cfg.server.max_message_size)
         self._scanner = ServerStreamScanner(_SERVER_WANTED, 1 << 20)
         self._settings: dict[str, str] = {}
-        self._statements: dict[str, str] = {}   # prepared statement name -> text
+        self._statements: dict[str, tuple] = {}  # prepared statement name -> (text, parameter type OIDs)
         self._portals: dict[str, tuple] = {}     # portal -> (text, params, formats)
         self._units: deque = deque()             # what is waiting for a ReadyForQuery
         self._close_reason = ""
@@ -373,12 +373,12 @@ class ClientSession(asyncio.Protocol):
         body = raw[5:]
         if kind == _P:
             parse = msg.parse_parse(body)
-            self._statements[parse.statement] = parse.query
+            self._statements[parse.statement] = (parse.query, parse.param_types)
             batch.last_parse = parse.query
         elif kind == _B:
             bind = msg.parse_bind(body)
-            text = self._statements.get(bind.statement, "")
-            self._portals[bind.portal] = (text, bind.params, bind.param_formats)
+            text, types = self._statements.get(bind.statement, ("", ()))
+            self._portals[bind.portal] = (text, bind.params, (bind.param_formats, types))
         elif kind == _E:
             portal = msg.parse_execute_portal(body)
             text, params, formats = self._portals.get(portal, ("", None, None))
@@ -471,7 +471,8 @@ class ClientSession(asyncio.Protocol):
         for unit in self._units:  # statements still running when the client left
             for st in ([unit] if isinstance(unit, _Statement) else unit.executes):
                 self._audit_lost(st, backend)
-        pool.release(backend, reusable, reason=f"client left mid-request ({reason})" if not reusable else reason)
+        pool.release(backend, reusable, reason=f"client left mid-request ({reason})" if not reusable else reason,
+                     busy=not reusable)
 
     def _audit_lost(self, st: _Statement, backend) -> None:
         self.server.audit.statement(self.audit_fields, st.text, st.params, st.formats, st.tags, st.rows,

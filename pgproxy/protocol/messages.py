@@ -113,10 +113,8 @@ class BodyReader:
             raise protocol_violation("unterminated string")
         raw = self.body[self.pos:end]
         self.pos = end + 1
-        try:
-            return raw.decode()
-        except UnicodeDecodeError:
-            raise protocol_violation("invalid UTF-8 in a string field") from None
+        # Lenient: the client's encoding may not be UTF-8; text here is for logs and checks.
+        return raw.decode("utf-8", "replace")
 
     def int16(self) -> int:
         return self._unpack("!h", 2)
@@ -168,11 +166,14 @@ def parse_query(body: bytes) -> str:
 class Parse:
     statement: str
     query: str
+    param_types: tuple[int, ...]
 
 
 def parse_parse(body: bytes) -> Parse:
     reader = BodyReader(body)
-    return Parse(reader.cstr(), reader.cstr())
+    statement, query = reader.cstr(), reader.cstr()
+    types = tuple(reader.int32() & 0xFFFFFFFF for _ in range(_count(reader)))
+    return Parse(statement, query, types)
 
 
 @dataclass(slots=True)
