@@ -45,7 +45,9 @@ class Wire:
                 chunk = self.sock.recv(65536)
                 if not chunk:
                     return True
-        except (ConnectionResetError, socket.timeout):
+        except ConnectionResetError:
+            return True
+        except socket.timeout:
             return False
 
     def close(self) -> None:
