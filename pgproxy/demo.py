@@ -114,8 +114,18 @@ def run_demo(port: int) -> int:
         shutil.rmtree(work, ignore_errors=True)
 
 
+def _pgproxy_command() -> str:
+    """How to call pgproxy from a shell: by name when that resolves to this installation."""
+    found = shutil.which("pgproxy")
+    if found and Path(found).resolve().parent == Path(sys.executable).resolve().parent:
+        return "pgproxy"
+    local = Path(sys.executable).parent / "pgproxy"
+    return str(local) if local.exists() else f"{sys.executable} -m pgproxy"
+
+
 def _instructions(port: int, audit: Path, config: Path) -> str:
     dsn = f'"host=127.0.0.1 port={port} dbname=demo user={{user}}"'
+    pgproxy = _pgproxy_command()
     alice = dsn.format(user="alice")
     bob = dsn.format(user="bob")
     return f"""
@@ -123,9 +133,9 @@ pgproxy demo is running (config: {config}).
 
 alice is in group sales_emea, bob in sales_amer; both query the same table:
 
-  PGPASSWORD=$(pgproxy dev-token alice --groups sales_emea) psql {alice} -c "SELECT * FROM orders"
-  PGPASSWORD=$(pgproxy dev-token bob --groups sales_amer) psql {bob} -c "SELECT * FROM orders"
-  PGPASSWORD=$(pgproxy dev-token alice --groups sales_emea) psql {alice} -c "SELECT current_user, current_setting('pgproxy.user')"
+  PGPASSWORD=$({pgproxy} dev-token alice --groups sales_emea) psql {alice} -c "SELECT * FROM orders"
+  PGPASSWORD=$({pgproxy} dev-token bob --groups sales_amer) psql {bob} -c "SELECT * FROM orders"
+  PGPASSWORD=$({pgproxy} dev-token alice --groups sales_emea) psql {alice} -c "SELECT current_user, current_setting('pgproxy.user')"
 
 Every statement is audited under the person:  tail -f {audit}
 Press Ctrl-C to stop and remove everything.

@@ -36,10 +36,15 @@ class TestDatabase:
 def _docker_available() -> bool:
     try:
         import docker
-        docker.from_env(timeout=2).ping()
-        return True
+        client = docker.from_env(timeout=2)
     except Exception:
         return False
+    try:
+        return bool(client.ping())
+    except Exception:
+        return False
+    finally:
+        client.close()
 
 
 def start_database() -> TestDatabase:
