@@ -11,6 +11,7 @@ from pgproxy.auth.devissuer import DevIssuer
 from pgproxy.demo import POOL_ROLE, SCHEMA
 from tests.support.database import start_database
 from tests.support.proxy import ProxyProcess, merge
+from tests.support.wire import Wire
 
 # Extra grants the tests need beyond the demo: temp tables (to prove they do not leak
 # between sessions) and a writable table.
@@ -77,3 +78,10 @@ def make_proxy(base_config):
     yield start
     for process in started:
         process.stop()
+
+
+@pytest.fixture(autouse=True)
+def close_wires():
+    yield
+    while Wire.opened:
+        Wire.opened.pop().close()

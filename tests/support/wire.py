@@ -10,9 +10,12 @@ from pgproxy.protocol import messages as msg
 
 
 class Wire:
+    opened: list["Wire"] = []  # closed after each test by the close_wires fixture
+
     def __init__(self, port: int, host: str = "127.0.0.1", timeout: float = 10) -> None:
         self.sock = socket.create_connection((host, port), timeout=timeout)
         self.buf = b""
+        Wire.opened.append(self)
 
     def send(self, data: bytes) -> None:
         self.sock.sendall(data)
