@@ -122,6 +122,9 @@ class ProxyServer:
         log.info("shutting down", extra={"sessions": len(self._sessions)})
         for listener in self._listeners:
             listener.close()
+        for session in list(self._sessions):
+            if not session.logged_in:  # nothing to finish: no statement can be running
+                session._fail(shutting_down())
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.cfg.server.shutdown_timeout_s
         while self._sessions and loop.time() < deadline:

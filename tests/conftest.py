@@ -76,12 +76,17 @@ def make_proxy(base_config):
         return process
 
     yield start
+    close_all_wires()  # the test's raw sockets go first, as a client would leave
     for process in started:
-        process.stop()
+        assert process.stop() == 0, f"pgproxy did not shut down cleanly: {process.log()[-2000:]}"
+
+
+def close_all_wires() -> None:
+    while Wire.opened:
+        Wire.opened.pop().close()
 
 
 @pytest.fixture(autouse=True)
 def close_wires():
     yield
-    while Wire.opened:
-        Wire.opened.pop().close()
+    close_all_wires()

@@ -165,6 +165,10 @@ class ClientSession(asyncio.Protocol):
         if self.transport is not None and self.state is SessionState.READY:
             self.transport.resume_reading()
 
+    @property
+    def logged_in(self) -> bool:
+        return self.state is SessionState.READY
+
     # --- errors and exits --------------------------------------------------------------
 
     def _fail(self, exc: PgProxyError) -> None:

@@ -105,6 +105,16 @@ def test_ssl_request_is_answered_no_and_login_continues(small_proxy, bystander, 
     assert wire.read_until("ZE")[-1][0] == "Z"
 
 
+def test_gssenc_then_ssl_requests_are_both_declined(small_proxy, bystander, issuer):
+    wire = Wire(small_proxy.port)
+    wire.send(struct.pack("!ii", 8, msg.GSSENC_REQUEST))
+    assert wire.sock.recv(1) == b"N"
+    wire.send(struct.pack("!ii", 8, msg.SSL_REQUEST))
+    assert wire.sock.recv(1) == b"N"
+    wire.send(msg.startup_message({"user": "alice", "database": "demo"}))
+    assert wire.read_message()[0] == "R"
+
+
 def test_newer_protocol_minor_version_is_negotiated_down(small_proxy, bystander, issuer):
     wire = Wire(small_proxy.port)
     body = struct.pack("!i", 196608 + 2) + b"user\0alice\0database\0demo\0_pq_.test\0x\0\0"

@@ -74,6 +74,14 @@ def test_asyncpg_queries_copy_and_cancel(proxy, alice_token):
             await conn.copy_records_to_table("items", records=[(i, f"asyncpg-{i}") for i in range(7000, 7100)],
                                              columns=["id", "name"])
             assert await conn.fetchval("SELECT count(*) FROM items WHERE id >= 7000 AND id < 7100") == 100
+            chunks = []
+
+            async def sink(data: bytes) -> None:
+                chunks.append(data)
+
+            await conn.copy_from_query("SELECT id, name FROM items WHERE id >= 7000 AND id < 7003 ORDER BY id",
+                                       output=sink)
+            assert b"".join(chunks) == b"7000\tasyncpg-7000\n7001\tasyncpg-7001\n7002\tasyncpg-7002\n"
             with pytest.raises(asyncio.TimeoutError):
                 await conn.fetchval("SELECT pg_sleep(20)", timeout=0.5)  # asyncpg cancels on timeout
             started = time.monotonic()
@@ -83,3 +91,12 @@ def test_asyncpg_queries_copy_and_cancel(proxy, alice_token):
             await conn.close()
 
     asyncio.run(scenario())
+
+
+def test_notifications_reach_the_listening_client(proxy, issuer, alice_token):
+    with psycopg.connect(proxy.dsn("alice"), password=alice_token, autocommit=True) as listener, \
+            psycopg.connect(proxy.dsn("bob"), password=issuer.mint("bob", ["sales_amer"]), autocommit=True) as sender:
+        listener.execute("LISTEN orders_changed")
+        sender.execute("NOTIFY orders_changed, 'order 42'")
+        received = next(listener.notifies(timeout=5))
+        assert (received.channel, received.payload) == ("orders_changed", "order 42")
