@@ -58,13 +58,12 @@ class SessionState(enum.Enum):
 class _Statement:
     """One statement on its way through the database, for its audit record."""
 
-    __slots__ = ("text", "params", "formats", "started", "t0", "tags", "rows", "sqlstate")
+    __slots__ = ("text", "params", "formats", "started", "t0", "tags", "sqlstate")
 
     def __init__(self, text: str, params=None, formats=None) -> None:
         self.text, self.params, self.formats = text, params, formats
         self.started, self.t0 = time.time(), time.perf_counter()
-        self.tags: list[str] = []
-        self.rows: int | None = None
+        self.tags: list[bytes] = []  # raw CommandComplete bodies; the audit writer parses them
         self.sqlstate: str | None = None
 
 
@@ -94,7 +93,7 @@ class ClientSession(asyncio.Protocol):
         self.backend = None
         self.pool = None
         self.cancel_key: tuple[int, int] | None = None
-        self.audit_fields: dict = {}
+        self.audit_prefix = ""  # this session's members of every statement record, as JSON
         self._startup_buf = bytearray()
         self._reader = MessageReader(server.cfg.server.max_message_size)
         self._scanner = ServerStreamScanner(_SERVER_WANTED, 1 << 20)
@@ -308,8 +307,8 @@ class ClientSession(asyncio.Protocol):
 
     def _finish_login(self, backend) -> None:
         self.cancel_key = self.server.register_cancel(self)
-        self.audit_fields = {"session": self.session_id, "user": self.user, "role": self.role,
-                             "auth_method": self.identity.auth_method}
+        self.audit_prefix = self.server.audit.session_prefix(
+            {"session": self.session_id, "user": self.user, "role": self.role, "auth_method": self.identity.auth_method})
         params = dict(backend.params)
         out = [msg.AUTH_OK]
         out += [msg.parameter_status(k, v) for k, v in params.items()]
@@ -339,7 +338,7 @@ class ClientSession(asyncio.Protocol):
         out = []
         for kind, raw in frames:
             if kind == _Q:
-                units.append(_Statement(msg.parse_query(raw[5:])))
+                units.append(_Statement(raw[5:-1].decode("utf-8", "replace")))
             elif kind in _CLIENT_TYPES:
                 if kind == _X:
                     self._flush(out)
@@ -430,16 +429,13 @@ class ClientSession(asyncio.Protocol):
         else:
             return
         if kind == _sC:
-            tag, rows = msg.parse_command_tag(body)
-            statement.tags.append(tag)
-            if rows is not None:
-                statement.rows = (statement.rows or 0) + rows
+            statement.tags.append(body)
         elif kind == _sE:
             statement.sqlstate = msg.parse_error_fields(body).get("C", "XX000")
             if isinstance(unit, _Batch):
                 unit.failed = True
         elif kind == _sI:
-            statement.tags.append("EMPTY")
+            statement.tags.append(b"EMPTY")
         if isinstance(unit, _Batch) and kind != _sE:
             self._audit(statement, "suspended" if kind == _ss else "ok")
 
@@ -452,10 +448,11 @@ class ClientSession(asyncio.Protocol):
             self._audit(statement, "error" if first and unit.failed else "skipped")
             first = False
 
-    def _audit(self, st: _Statement, outcome: str) -> None:
-        self.server.audit.statement(self.audit_fields, st.text, st.params, st.formats, st.tags, st.rows,
-                                    st.started, time.perf_counter() - st.t0, outcome, st.sqlstate,
-                                    self.backend.pid if self.backend else None)
+    def _audit(self, st: _Statement, outcome: str, backend=None) -> None:
+        backend = backend or self.backend
+        self.server.audit.statement(self.audit_prefix, st.text, st.params, st.formats, st.tags, st.started,
+                                    time.perf_counter() - st.t0, outcome, st.sqlstate,
+                                    backend.pid if backend else None)
 
     def server_lost(self, reason: str) -> None:
         for unit in self._units:
@@ -474,12 +471,6 @@ class ClientSession(asyncio.Protocol):
         reusable = not self._units and self._scanner.at_boundary
         for unit in self._units:  # statements still running when the client left
             for st in ([unit] if isinstance(unit, _Statement) else unit.executes):
-                self._audit_lost(st, backend)
+                self._audit(st, "client_gone", backend)
         pool.release(backend, reusable, reason=f"client left mid-request ({reason})" if not reusable else reason,
                      busy=not reusable)
-
-    def _audit_lost(self, st: _Statement, backend) -> None:
-        self.server.audit.statement(self.audit_fields, st.text, st.params, st.formats, st.tags, st.rows,
-                                    st.started, time.perf_counter() - st.t0, "client_gone", st.sqlstate,
-                                    backend.pid)
-

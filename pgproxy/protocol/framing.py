@@ -72,7 +72,9 @@ class MessageReader:
             stop = pos + 1 + length
             if stop > end:
                 break
-            out.append((kind[0], bytes(data[pos:stop])))
+            # A read that is exactly one message (the common case) is passed on uncopied.
+            whole = data if (pos == 0 and stop == end and type(data) is bytes) else bytes(data[pos:stop])
+            out.append((kind[0], whole))
             pos = stop
         if data is self._buf:
             del self._buf[:pos]

@@ -12,8 +12,8 @@ SESSION = {"session": "s1", "user": "alice", "role": "r", "auth_method": "jwt"}
 
 def _records(tmp_path, **cfg) -> list[dict]:
     log = AuditLog(AuditSection(file=str(tmp_path / "a.jsonl"), **cfg))
-    log.statement(SESSION, "SELECT $1, $2, $3", [b"abc", struct.pack("!i", 7), None], ([0, 1, 0], (25, 23, 25)),
-                  ["SELECT"], 1, 1.0, 0.002, "ok", None, 99)
+    log.statement(AuditLog.session_prefix(SESSION), "SELECT $1, $2, $3", [b"abc", struct.pack("!i", 7), None],
+                  ([0, 1, 0], (25, 23, 25)), [b"SELECT 1\0"], 1.0, 0.002, "ok", None, 99)
     log.event("auth_failure", user="bob", reason="expired")
     log.close()  # flushes everything queued
     return [json.loads(line) for line in (tmp_path / "a.jsonl").read_text().splitlines()]

@@ -1,0 +1,1 @@
+"""pgproxy's benchmark: direct PostgreSQL, PgBouncer and pgproxy, side by side, in one run."""

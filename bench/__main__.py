@@ -1,0 +1,187 @@
+"""python -m bench [--quick | --smoke] — run every scenario against direct, PgBouncer, pgproxy.
+
+Targets alternate within each scenario (A B C A B C …) because absolute numbers drift on
+shared machines; the report gives medians and the ratios pgproxy ÷ PgBouncer and
+pgproxy ÷ direct. Results: a table on stdout, bench/results/latest.json (machine
+description and every raw figure) and bench/results/latest.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from bench.targets import Bench, Target, pgbench
+
+RESULTS = Path(__file__).resolve().parent / "results"
+ORDER = ("direct", "pgbouncer", "pgproxy")
+
+# name -> (title, pgbench arguments); every target gets exactly these.
+SCENARIOS = {
+    "select_simple": ("1 select-only, simple protocol, 16 clients", ["-S", "-M", "simple", "-c", "16", "-j", "2"]),
+    "select_prepared": ("2 select-only, prepared, 16 clients", ["-S", "-M", "prepared", "-c", "16", "-j", "2"]),
+    "tpcb": ("3 read/write (pgbench default), 16 clients", ["-M", "simple", "-c", "16", "-j", "2"]),
+    "many_clients": ("4 500 clients over a pool of 20", None),  # needs transaction pooling
+    "connect_rate": ("5 new authenticated connection per transaction", ["-C", "-S", "-M", "simple", "-c", "4", "-j", "2"]),
+    "latency": ("6 single-client latency (added over direct)", ["-S", "-M", "simple", "-c", "1", "-j", "1"]),
+    "memory": ("7 memory per idle client", None),  # needs transaction pooling
+}
+NOT_YET = {"many_clients": "n/a: needs transaction pooling (issue 4)",
+           "memory": "n/a: idle clients hold a backend in session pooling (issue 4)"}
+
+
+def run_pgbench(target: Target, args: list[str], seconds: float, log_dir: Path | None = None) -> dict:
+    cmd = [pgbench(), "-n", "-T", str(int(seconds)), *args]
+    if log_dir is not None:
+        cmd += ["-l", f"--log-prefix={log_dir}/{target.name}"]
+    out = subprocess.run(cmd + target.pgbench_args(), env=target.env(), capture_output=True, text=True,
+                         cwd=log_dir or tempfile.gettempdir(), timeout=seconds + 120)
+    if out.returncode != 0:
+        raise RuntimeError(f"pgbench against {target.name} failed: {out.stderr.strip()[-500:]}")
+    tps = float(re.search(r"tps = ([\d.]+)", out.stdout).group(1))
+    result = {"tps": tps}
+    if log_dir is not None:
+        latencies = sorted(int(line.split()[2]) for f in log_dir.glob(f"{target.name}.*")
+                           for line in f.read_text().splitlines() if line.strip())
+        for f in log_dir.glob(f"{target.name}.*"):
+            f.unlink()
+        result["p50_us"] = latencies[len(latencies) // 2]
+        result["p99_us"] = latencies[min(len(latencies) - 1, int(len(latencies) * 0.99))]
+    return result
+
+
+def machine() -> dict:
+    mem = next((line.split()[1] for line in Path("/proc/meminfo").read_text().splitlines()
+                if line.startswith("MemTotal")), "?")
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor())
+    return {"cpus": os.cpu_count(), "cpu_model": cpu, "memory_kib": int(mem), "kernel": platform.release(),
+            "python": platform.python_version(), "platform": platform.platform()}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n")[0])
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--quick", action="store_true", help="1 round of 5 s per scenario (under 3 minutes)")
+    mode.add_argument("--smoke", action="store_true", help="seconds-long check that the harness works")
+    parser.add_argument("--rounds", type=int, help="rounds per scenario")
+    parser.add_argument("--seconds", type=float, help="pgbench -T per run")
+    parser.add_argument("--only", default="", help="comma-separated scenario names")
+    parser.add_argument("--out", default=str(RESULTS), help="directory for latest.json and latest.png")
+    args = parser.parse_args(argv)
+
+    rounds = args.rounds or (1 if args.quick or args.smoke else 3)
+    seconds = args.seconds or (1 if args.smoke else 5 if args.quick else 10)
+    scale = 1 if args.smoke else 10
+    chosen = [s for s in (args.only.split(",") if args.only else SCENARIOS) if s]
+    if args.smoke and not args.only:
+        chosen = ["select_simple", "latency"]
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    started = time.time()
+    bench = Bench(scale).start()
+    raw: list[dict] = []
+    try:
+        log_dir = Path(tempfile.mkdtemp(prefix="pgproxy-bench-log-"))
+        for name in chosen:
+            title, pgargs = SCENARIOS[name]
+            if pgargs is None:
+                continue
+            print(f"-- {title}", file=sys.stderr, flush=True)
+            for round_no in range(rounds):
+                for target_name in ORDER:
+                    target = bench.targets[target_name]
+                    result = run_pgbench(target, pgargs, seconds, log_dir if name == "latency" else None)
+                    raw.append({"scenario": name, "target": target_name, "round": round_no, **result})
+                    print(f"   {target_name:9s} round {round_no}: {result}", file=sys.stderr, flush=True)
+        versions = bench.versions()
+    finally:
+        bench.stop()
+
+    summary = summarize(raw, chosen)
+    report = {"started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
+              "duration_s": round(time.time() - started, 1), "command": "python -m bench " + " ".join(argv or sys.argv[1:]),
+              "settings": {"rounds": rounds, "seconds": seconds, "scale": scale, "pool_size": 20},
+              "machine": machine(), "versions": versions, "summary": summary, "raw": raw}
+    (out_dir / "latest.json").write_text(json.dumps(report, indent=2) + "\n")
+    print(table(summary))
+    try:
+        chart(summary, out_dir / "latest.png")
+    except ImportError:
+        print("(matplotlib not installed: no chart)", file=sys.stderr)
+    return 0
+
+
+def summarize(raw: list[dict], chosen: list[str]) -> dict:
+    summary = {}
+    for name in chosen:
+        if name in NOT_YET:
+            summary[name] = {"note": NOT_YET[name]}
+            continue
+        medians = {}
+        for target in ORDER:
+            runs = [r for r in raw if r["scenario"] == name and r["target"] == target]
+            medians[target] = {key: statistics.median(r[key] for r in runs) for key in ("tps", "p50_us", "p99_us")
+                               if runs and key in runs[0]}
+        entry = {"median": medians}
+        tps = {t: m.get("tps") for t, m in medians.items()}
+        if tps.get("pgproxy") and tps.get("pgbouncer") and tps.get("direct"):
+            entry["pgproxy_vs_pgbouncer"] = round(tps["pgproxy"] / tps["pgbouncer"], 3)
+            entry["pgproxy_vs_direct"] = round(tps["pgproxy"] / tps["direct"], 3)
+            entry["pgbouncer_vs_direct"] = round(tps["pgbouncer"] / tps["direct"], 3)
+        if name == "latency":
+            for target in ("pgbouncer", "pgproxy"):
+                entry[f"{target}_added_p50_us"] = medians[target]["p50_us"] - medians["direct"]["p50_us"]
+                entry[f"{target}_added_p99_us"] = medians[target]["p99_us"] - medians["direct"]["p99_us"]
+        summary[name] = entry
+    return summary
+
+
+def table(summary: dict) -> str:
+    lines = [f"{'scenario':42s} {'direct':>10s} {'pgbouncer':>10s} {'pgproxy':>10s} {'÷bouncer':>9s} {'÷direct':>8s}"]
+    for name, entry in summary.items():
+        title = SCENARIOS[name][0]
+        if "note" in entry:
+            lines.append(f"{title:42s} {entry['note']}")
+            continue
+        m = entry["median"]
+        lines.append(f"{title:42s} " + " ".join(f"{m[t]['tps']:10.0f}" for t in ORDER)
+                     + f" {entry['pgproxy_vs_pgbouncer']:9.2f} {entry['pgproxy_vs_direct']:8.2f}")
+        if name == "latency":
+            lines.append(f"{'   p50 / p99 µs':42s} " + " ".join(f"{m[t]['p50_us']:>4.0f}/{m[t]['p99_us']:<5.0f}" for t in ORDER)
+                         + f"  added p50 {entry['pgproxy_added_p50_us']:.0f} µs (PgBouncer {entry['pgbouncer_added_p50_us']:.0f})")
+    lines.append("(tps; connection rate = connections/s; medians over rounds)")
+    return "\n".join(lines)
+
+
+def chart(summary: dict, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    names = [n for n, e in summary.items() if "median" in e]
+    fig, ax = plt.subplots(figsize=(9, 4.5))
+    width = 0.27
+    for i, target in enumerate(ORDER):
+        values = [summary[n]["median"][target]["tps"] for n in names]
+        ax.bar([x + (i - 1) * width for x in range(len(names))], values, width, label=target)
+    ax.set_xticks(range(len(names)), [SCENARIOS[n][0].split(",")[0] for n in names], rotation=12, fontsize=8)
+    ax.set_ylabel("transactions (or connections) per second")
+    ax.set_title("pgproxy vs PgBouncer vs direct PostgreSQL (medians)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,177 @@
+"""The three things measured, all in front of one throwaway PostgreSQL:
+
+* direct    — PostgreSQL itself, SCRAM-SHA-256 over TCP;
+* pgbouncer — Debian's PgBouncer, SCRAM to clients and to the server, session pooling;
+* pgproxy   — its real production path: a JWT from a local issuer as the password,
+              role switch, identity settings, audit to a file.
+
+Every target gets the same pool size and the same backend.
+"""
+
+from __future__ import annotations
+
+import os
+import pwd
+import shutil
+import subprocess
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from pgproxy.auth.devissuer import DevIssuer
+from pgproxy.pgcluster import PgCluster, free_port
+from tests.support.proxy import ProxyProcess
+
+BENCH_LOGIN, BENCH_PASSWORD = "bench_login", "bench-password"
+POOL_ROLE, POOL_PASSWORD = "pgproxy_pool", "pool-password"
+BENCH_ROLE = "bench_role"
+POOL_SIZE = 20
+
+SETUP_SQL = f"""
+CREATE ROLE {BENCH_LOGIN} LOGIN PASSWORD '{BENCH_PASSWORD}';
+CREATE ROLE {POOL_ROLE} LOGIN NOINHERIT PASSWORD '{POOL_PASSWORD}';
+CREATE ROLE {BENCH_ROLE} NOLOGIN;
+GRANT {BENCH_ROLE} TO {POOL_ROLE};
+CREATE DATABASE bench OWNER {BENCH_LOGIN};
+"""
+
+
+@dataclass
+class Target:
+    name: str
+    port: int
+    user: str
+    password: str
+    extra_env: dict = field(default_factory=dict)
+
+    def env(self) -> dict:
+        return {**os.environ, "PGPASSWORD": self.password, "PGSSLMODE": "disable", **self.extra_env}
+
+    def pgbench_args(self) -> list[str]:
+        return ["-h", "127.0.0.1", "-p", str(self.port), "-U", self.user, "bench"]
+
+
+class Bench:
+    """Starts and stops everything a run needs."""
+
+    def __init__(self, scale: int, pgproxy_overrides: dict | None = None) -> None:
+        self.scale = scale
+        self.pgproxy_overrides = pgproxy_overrides or {}
+        self.dir = Path(tempfile.mkdtemp(prefix="pgproxy-bench-"))
+        self.dir.chmod(0o755)
+        self.cluster: PgCluster | None = None
+        self.issuer: DevIssuer | None = None
+        self.proxy: ProxyProcess | None = None
+        self.bouncer: subprocess.Popen | None = None
+        self.targets: dict[str, Target] = {}
+
+    def start(self) -> "Bench":
+        self.cluster = PgCluster(settings={"max_connections": "400", "shared_buffers": "'256MB'"}).start()
+        self.cluster.psql(SETUP_SQL)
+        direct = Target("direct", self.cluster.port, BENCH_LOGIN, BENCH_PASSWORD)
+        subprocess.run([pgbench(), "-i", "-q", "-s", str(self.scale), *direct.pgbench_args()],
+                       env=direct.env(), check=True, capture_output=True)
+        self.cluster.psql(f"GRANT SELECT, INSERT, UPDATE ON ALL TABLES IN SCHEMA public TO {BENCH_ROLE};",
+                          database="bench")
+        self.targets["direct"] = direct
+        self.targets["pgbouncer"] = self._start_pgbouncer()
+        self.targets["pgproxy"] = self._start_pgproxy()
+        return self
+
+    def _start_pgbouncer(self) -> Target:
+        secret = self.cluster.psql(f"SELECT rolpassword FROM pg_authid WHERE rolname = '{BENCH_LOGIN}'")
+        port = free_port()
+        (self.dir / "userlist.txt").write_text(f'"{BENCH_LOGIN}" "{secret}"\n')
+        (self.dir / "pgbouncer.ini").write_text(f"""[databases]
+bench = host=127.0.0.1 port={self.cluster.port} dbname=bench
+
+[pgbouncer]
+listen_addr = 127.0.0.1
+listen_port = {port}
+unix_socket_dir =
+auth_type = scram-sha-256
+auth_file = {self.dir}/userlist.txt
+pool_mode = session
+default_pool_size = {POOL_SIZE}
+max_client_conn = 20000
+logfile = {self.dir}/pgbouncer.log
+log_connections = 0
+log_disconnections = 0
+""")
+        kwargs = {}
+        if os.geteuid() == 0:  # PgBouncer refuses to run as root
+            user = pwd.getpwnam("postgres" if _user_exists("postgres") else "nobody")
+            kwargs = {"user": user.pw_uid, "group": user.pw_gid, "extra_groups": []}
+            for name in ("userlist.txt", "pgbouncer.ini"):
+                (self.dir / name).chmod(0o644)
+            os.chown(self.dir, user.pw_uid, user.pw_gid)
+        self.bouncer = subprocess.Popen([shutil.which("pgbouncer") or "/usr/sbin/pgbouncer",
+                                         str(self.dir / "pgbouncer.ini")],
+                                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, **kwargs)
+        _wait_port(port, self.bouncer)
+        return Target("pgbouncer", port, BENCH_LOGIN, BENCH_PASSWORD)
+
+    def _start_pgproxy(self) -> Target:
+        self.issuer = DevIssuer().start()
+        password_file = self.dir / "pool-password"
+        password_file.write_text(POOL_PASSWORD + "\n")
+        config = {
+            "backend": {"host": "127.0.0.1", "port": self.cluster.port, "user": POOL_ROLE,
+                        "password_file": str(password_file), "pool_size": POOL_SIZE},
+            "auth": {"jwt": {"issuer": self.issuer.url, "audience": "pgproxy"}},
+            "roles": [{"group": "bench", "role": BENCH_ROLE}],
+            "log": {"level": "warning"},
+            **self.pgproxy_overrides,
+        }
+        self.proxy = ProxyProcess(config)
+        token = self.issuer.mint("benchuser", ["bench"], ttl_s=4 * 3600)
+        return Target("pgproxy", self.proxy.port, "benchuser", token)
+
+    def versions(self) -> dict:
+        bouncer = subprocess.run([shutil.which("pgbouncer") or "pgbouncer", "--version"], capture_output=True,
+                                 text=True).stdout.splitlines()[0]
+        return {"postgresql": self.cluster.psql("SHOW server_version"), "pgbouncer": bouncer,
+                "pgbench": subprocess.run([pgbench(), "--version"], capture_output=True, text=True).stdout.strip()}
+
+    def stop(self) -> None:
+        if self.proxy:
+            self.proxy.stop()
+        if self.bouncer:
+            self.bouncer.terminate()
+            self.bouncer.wait(10)
+        if self.issuer:
+            self.issuer.stop()
+        if self.cluster:
+            self.cluster.stop()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def pgbench() -> str:
+    found = shutil.which("pgbench")
+    if found:
+        return found
+    from pgproxy.pgcluster import find_bindir
+    return str(find_bindir() / "pgbench")
+
+
+def _wait_port(port: int, process: subprocess.Popen) -> None:
+    import socket
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"process exited with {process.returncode}")
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError(f"nothing listens on {port}")
+
+
+def _user_exists(name: str) -> bool:
+    try:
+        pwd.getpwnam(name)
+        return True
+    except KeyError:
+        return False
