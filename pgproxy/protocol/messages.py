@@ -184,15 +184,42 @@ class Bind:
     params: list[bytes | None]
 
 
+_H = struct.Struct("!h")
+
+
 def parse_bind(body: bytes) -> Bind:
-    reader = BodyReader(body)
-    portal, statement = reader.cstr(), reader.cstr()
-    formats = [reader.int16() for _ in range(_count(reader))]
-    params: list[bytes | None] = []
-    for _ in range(_count(reader)):
-        size = reader.int32()
-        params.append(None if size == -1 else reader.take(size))
-    return Bind(portal, statement, formats, params)
+    """Bind is on the hot path of every prepared statement: read with unpack_from,
+    every count and length still checked against the body."""
+    try:
+        portal_end = body.index(0)
+        statement_end = body.index(0, portal_end + 1)
+        pos = statement_end + 1
+        (n_formats,) = _H.unpack_from(body, pos)
+        pos += 2
+        if n_formats < 0:
+            raise protocol_violation("negative count")
+        formats = list(struct.unpack_from(f"!{n_formats}h", body, pos)) if n_formats else []
+        pos += 2 * n_formats
+        (n_params,) = _H.unpack_from(body, pos)
+        pos += 2
+        if n_params < 0:
+            raise protocol_violation("negative count")
+        params: list[bytes | None] = []
+        end = len(body)
+        for _ in range(n_params):
+            (size,) = _I32.unpack_from(body, pos)
+            pos += 4
+            if size == -1:
+                params.append(None)
+            elif size < 0 or pos + size > end:
+                raise protocol_violation("field runs past the end of the message")
+            else:
+                params.append(body[pos:pos + size])
+                pos += size
+    except (ValueError, struct.error):
+        raise protocol_violation("malformed Bind message") from None
+    return Bind(body[:portal_end].decode("utf-8", "replace"),
+                body[portal_end + 1:statement_end].decode("utf-8", "replace"), formats, params)
 
 
 def _count(reader: BodyReader) -> int:
@@ -203,7 +230,10 @@ def _count(reader: BodyReader) -> int:
 
 
 def parse_execute_portal(body: bytes) -> str:
-    return BodyReader(body).cstr()
+    end = body.find(0)
+    if end < 0:
+        raise protocol_violation("unterminated portal name")
+    return body[:end].decode("utf-8", "replace") if end else ""
 
 
 def parse_close(body: bytes) -> tuple[str, str]:
