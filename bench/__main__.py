@@ -35,8 +35,8 @@ SCENARIOS = {
     "latency": ("6 single-client latency (added over direct)", ["-S", "-M", "simple", "-c", "1", "-j", "1"]),
     "memory": ("7 memory per idle client", None),  # needs transaction pooling
 }
-NOT_YET = {"many_clients": "n/a: needs transaction pooling (issue 4)",
-           "memory": "n/a: idle clients hold a backend in session pooling (issue 4)"}
+NOT_YET = {"many_clients": "n/a: needs transaction pooling (issue 4)"}
+MEMORY_CLIENTS = 1000  # 10,000 needs transaction pooling: in session pooling each holds a backend
 
 
 def run_pgbench(target: Target, args: list[str], seconds: float, log_dir: Path | None = None) -> dict:
@@ -107,8 +107,11 @@ def main(argv: list[str] | None = None) -> int:
         versions = bench.versions()
     finally:
         bench.stop()
+    memory = measure_memory(MEMORY_CLIENTS) if "memory" in chosen else None
 
     summary = summarize(raw, chosen)
+    if memory:
+        summary["memory"] = memory
     report = {"started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
               "duration_s": round(time.time() - started, 1), "command": "python -m bench " + " ".join(argv or sys.argv[1:]),
               "settings": {"rounds": rounds, "seconds": seconds, "scale": scale, "pool_size": 20},
@@ -122,9 +125,26 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def measure_memory(clients: int) -> dict:
+    """Scenario 7, in its own setup: session pooling needs a pool as large as the clients."""
+    from bench.memory import measure
+    print(f"-- {SCENARIOS['memory'][0]}: {clients} idle clients", file=sys.stderr, flush=True)
+    bench = Bench(1, pool_size=clients).start()
+    try:
+        result = {"clients": clients, "note": "10,000 clients: n/a until transaction pooling (issue 4)"}
+        for name, pid in bench.pids().items():
+            result[name] = measure(bench.targets[name], pid, clients)
+            print(f"   {name:9s}: {result[name]}", file=sys.stderr, flush=True)
+        return result
+    finally:
+        bench.stop()
+
+
 def summarize(raw: list[dict], chosen: list[str]) -> dict:
     summary = {}
     for name in chosen:
+        if name == "memory":
+            continue  # measured in its own phase
         if name in NOT_YET:
             summary[name] = {"note": NOT_YET[name]}
             continue
@@ -151,6 +171,11 @@ def table(summary: dict) -> str:
     lines = [f"{'scenario':42s} {'direct':>10s} {'pgbouncer':>10s} {'pgproxy':>10s} {'÷bouncer':>9s} {'÷direct':>8s}"]
     for name, entry in summary.items():
         title = SCENARIOS[name][0]
+        if name == "memory":
+            lines.append(f"{title:42s} {'-':>10s} {entry['pgbouncer']['bytes_per_client']:10d} "
+                         f"{entry['pgproxy']['bytes_per_client']:10d} {entry['pgproxy']['bytes_per_client'] / max(1, entry['pgbouncer']['bytes_per_client']):9.2f}"
+                         f"  bytes per idle client ({entry['clients']} clients; {entry['note']})")
+            continue
         if "note" in entry:
             lines.append(f"{title:42s} {entry['note']}")
             continue

@@ -55,8 +55,9 @@ class Target:
 class Bench:
     """Starts and stops everything a run needs."""
 
-    def __init__(self, scale: int, pgproxy_overrides: dict | None = None) -> None:
+    def __init__(self, scale: int, pgproxy_overrides: dict | None = None, pool_size: int = POOL_SIZE) -> None:
         self.scale = scale
+        self.pool_size = pool_size
         self.pgproxy_overrides = pgproxy_overrides or {}
         self.dir = Path(tempfile.mkdtemp(prefix="pgproxy-bench-"))
         self.dir.chmod(0o755)
@@ -67,7 +68,8 @@ class Bench:
         self.targets: dict[str, Target] = {}
 
     def start(self) -> "Bench":
-        self.cluster = PgCluster(settings={"max_connections": "400", "shared_buffers": "'256MB'"}).start()
+        self.cluster = PgCluster(settings={"max_connections": str(max(400, 2 * self.pool_size + 50)),
+                                           "shared_buffers": "'256MB'"}).start()
         self.cluster.psql(SETUP_SQL)
         direct = Target("direct", self.cluster.port, BENCH_LOGIN, BENCH_PASSWORD)
         subprocess.run([pgbench(), "-i", "-q", "-s", str(self.scale), *direct.pgbench_args()],
@@ -93,7 +95,7 @@ unix_socket_dir =
 auth_type = scram-sha-256
 auth_file = {self.dir}/userlist.txt
 pool_mode = session
-default_pool_size = {POOL_SIZE}
+default_pool_size = {self.pool_size}
 max_client_conn = 20000
 logfile = {self.dir}/pgbouncer.log
 log_connections = 0
@@ -118,7 +120,7 @@ log_disconnections = 0
         password_file.write_text(POOL_PASSWORD + "\n")
         config = {
             "backend": {"host": "127.0.0.1", "port": self.cluster.port, "user": POOL_ROLE,
-                        "password_file": str(password_file), "pool_size": POOL_SIZE},
+                        "password_file": str(password_file), "pool_size": self.pool_size},
             "auth": {"jwt": {"issuer": self.issuer.url, "audience": "pgproxy"}},
             "roles": [{"group": "bench", "role": BENCH_ROLE}],
             "log": {"level": "warning"},
@@ -127,6 +129,9 @@ log_disconnections = 0
         self.proxy = ProxyProcess(config)
         token = self.issuer.mint("benchuser", ["bench"], ttl_s=4 * 3600)
         return Target("pgproxy", self.proxy.port, "benchuser", token)
+
+    def pids(self) -> dict[str, int]:
+        return {"pgbouncer": self.bouncer.pid, "pgproxy": self.proxy.process.pid}
 
     def versions(self) -> dict:
         bouncer = subprocess.run([shutil.which("pgbouncer") or "pgbouncer", "--version"], capture_output=True,

@@ -20,6 +20,7 @@ import asyncio
 import enum
 import logging
 import struct
+import sys
 import time
 from collections import deque
 
@@ -42,6 +43,9 @@ class BackendState(enum.Enum):
 
 
 class BackendConnection(asyncio.Protocol):
+    __slots__ = ("database", "state", "transport", "pid", "secret", "params", "txn_status", "created_at",
+                 "idle_since", "close_reason", "session", "forgotten", "_reader", "_inbox", "_waiter")
+
     def __init__(self, database: str) -> None:
         self.database = database
         self.state = BackendState.CONNECTING
@@ -144,7 +148,7 @@ class BackendConnection(asyncio.Protocol):
                 raise backend_unavailable(f"server refused login: {fields.get('C')} {fields.get('M')}")
             elif kind == ord("S"):
                 name, value = msg.parse_parameter_status(body)
-                self.params[name] = value
+                self.params[sys.intern(name)] = sys.intern(value)  # the same few strings on every connection
             elif kind == ord("K"):
                 self.pid, self.secret = struct.unpack("!iI", body[:8])
             elif kind == ord("Z"):

@@ -80,6 +80,12 @@ class _Batch:
 
 
 class ClientSession(asyncio.Protocol):
+    # Slots: thousands of idle sessions are the memory budget (bench scenario 7).
+    __slots__ = ("server", "state", "transport", "peer", "session_id", "user", "database", "role", "identity",
+                 "backend", "pool", "cancel_key", "audit_prefix", "_startup_buf", "_reader", "_scanner",
+                 "_settings", "_statements", "_portals", "_units", "_close_reason", "_auth_timer",
+                 "_login_task", "connected_at")
+
     def __init__(self, server) -> None:
         self.server = server
         self.state = SessionState.STARTUP
@@ -230,6 +236,7 @@ class ClientSession(asyncio.Protocol):
             raise no_user_name()
         self.database = params.get("database") or self.user
         self._settings, protocol_options = client_settings(params)
+        self._startup_buf = b""  # startup is over; the buffer is not needed again
         allowed = self.server.cfg.backend.databases
         if allowed and self.database not in allowed:
             raise not_authorized(self.user, f'database "{self.database}" is not in backend.databases')
@@ -267,6 +274,8 @@ class ClientSession(asyncio.Protocol):
         except Exception as exc:  # a bug must cost one session, never the proxy
             log.exception("login failed unexpectedly", extra={"session": self.session_id})
             self._fail(ProxyFailure("internal error", sqlstate="XX000", severity="FATAL", log_detail=repr(exc)))
+        finally:
+            self._login_task = None
 
     async def _authenticate(self, secret: str) -> None:
         if not secret:

@@ -96,11 +96,11 @@ class ServerStreamScanner:
     def __init__(self, wanted: bytes, max_body: int) -> None:
         self._wanted = frozenset(wanted)
         self._max = max_body
-        self._skip = 0            # bytes still to pass of a message nobody reads
-        self._head = bytearray()  # a header split across chunks
-        self._kind = 0            # type of a wanted message whose body is incomplete
-        self._need = 0            # bytes of that body still missing
-        self._body = bytearray()
+        self._skip = 0      # bytes still to pass of a message nobody reads
+        self._head = b""    # a header split across chunks
+        self._kind = 0      # type of a wanted message whose body is incomplete
+        self._need = 0      # bytes of that body still missing
+        self._body = b""    # (bytes, not bytearray: idle sessions keep no spare buffers)
 
     def feed(self, data: bytes) -> list[tuple[int, bytes]]:
         out: list[tuple[int, bytes]] = []
@@ -118,8 +118,8 @@ class ServerStreamScanner:
                 self._need -= take
                 pos += take
                 if not self._need:
-                    out.append((self._kind, bytes(self._body)))
-                    self._body.clear()
+                    out.append((self._kind, self._body))
+                    self._body = b""
                 continue
             if self._head or end - pos < 5:
                 take = min(5 - len(self._head), end - pos)
@@ -128,7 +128,7 @@ class ServerStreamScanner:
                 if len(self._head) < 5:
                     continue
                 kind, length = _HDR.unpack(self._head)
-                self._head.clear()
+                self._head = b""
             else:
                 kind, length = _HDR.unpack_from(data, pos)
                 pos += 5
