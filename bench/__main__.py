@@ -35,6 +35,8 @@ SCENARIOS = {
     "latency": ("6 single-client latency (added over direct)", ["-S", "-M", "simple", "-c", "1", "-j", "1"]),
     "memory": ("7 memory per idle client", None),  # needs transaction pooling
 }
+CHART_LABELS = {"select_simple": "1 select, simple", "select_prepared": "2 select, prepared", "tpcb": "3 read/write",
+                "connect_rate": "5 new connections/s", "latency": "6 one client"}
 NOT_YET = {"many_clients": "n/a: needs transaction pooling (issue 4)"}
 MEMORY_CLIENTS = 1000  # 10,000 needs transaction pooling: in session pooling each holds a backend
 
@@ -199,7 +201,7 @@ def chart(summary: dict, path: Path) -> None:
     for i, target in enumerate(ORDER):
         values = [summary[n]["median"][target]["tps"] for n in names]
         ax.bar([x + (i - 1) * width for x in range(len(names))], values, width, label=target)
-    ax.set_xticks(range(len(names)), [SCENARIOS[n][0].split(",")[0] for n in names], rotation=12, fontsize=8)
+    ax.set_xticks(range(len(names)), [CHART_LABELS.get(n, n) for n in names], fontsize=9)
     ax.set_ylabel("transactions (or connections) per second")
     ax.set_title("pgproxy vs PgBouncer vs direct PostgreSQL (medians)")
     ax.legend()

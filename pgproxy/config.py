@@ -300,7 +300,7 @@ def _check_role_template(template: str, path: str, problems: list[str]) -> None:
 def parse_config(table: dict) -> Config:
     problems: list[str] = []
     cfg = _build(Config, table, "", problems)
-    if cfg is not None and not problems:
+    if cfg is not None:  # rules too, so one run reports every problem
         _check_rules(cfg, problems)
     if problems:
         raise ConfigError(problems)

@@ -23,7 +23,6 @@ from pgproxy.backend.pool import Pool
 from pgproxy.config import Config, parse_listen
 from pgproxy.errors import auth_failed, shutting_down, too_many_clients
 from pgproxy.frontend.session import ClientSession
-from pgproxy.protocol import messages as msg
 
 log = logging.getLogger("pgproxy.server")
 
@@ -124,13 +123,13 @@ class ProxyServer:
             listener.close()
         for session in list(self._sessions):
             if not session.logged_in:  # nothing to finish: no statement can be running
-                session._fail(shutting_down())
+                session.end(shutting_down())
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.cfg.server.shutdown_timeout_s
         while self._sessions and loop.time() < deadline:
             await asyncio.sleep(0.05)
         for session in list(self._sessions):
-            session._fail(shutting_down())
+            session.end(shutting_down())
         await asyncio.sleep(0)  # let connection_lost run for what we just closed
         if self._janitor:
             self._janitor.cancel()
@@ -144,5 +143,3 @@ def _log_cancel_failure(task: asyncio.Task) -> None:
     if not task.cancelled() and task.exception() is not None:
         log.warning("cancel request could not be forwarded", extra={"reason": str(task.exception())})
 
-
-__all__ = ["ProxyServer", "msg"]

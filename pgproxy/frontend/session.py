@@ -176,6 +176,10 @@ class ClientSession(asyncio.Protocol):
 
     # --- errors and exits --------------------------------------------------------------
 
+    def end(self, exc: PgProxyError) -> None:
+        """End this session from outside (shutdown, later: an operator's kill)."""
+        self._fail(exc)
+
     def _fail(self, exc: PgProxyError) -> None:
         """The one way an error reaches the client; FATAL (and any error before READY) closes."""
         level = logging.WARNING if isinstance(exc, ProxyFailure) or exc.fatal else logging.INFO

@@ -48,6 +48,13 @@ def test_jwt_rules(jwt_override, expected):
     assert any(expected in p for p in _problems(table))
 
 
+def test_type_errors_and_rule_errors_are_reported_together():
+    problems = _problems({**MINIMAL, "backend": {"user": "pool", "pool_size": "20"},
+                          "auth": {"jwt": {**MINIMAL["auth"]["jwt"], "algorithms": ["none"]}}})
+    assert "backend.pool_size: expected an integer" in problems
+    assert any(p.startswith("auth.jwt.algorithms[0]: 'none' is not accepted") for p in problems)
+
+
 def test_role_rules_need_exactly_one_matcher_and_known_placeholders():
     problems = _problems({**MINIMAL, "roles": [{"role": "r"}, {"group": "g", "user": "u", "role": "r"},
                                                {"any": True, "role": "{user}"}]})
