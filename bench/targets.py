@@ -11,17 +11,15 @@ Every target gets the same pool size and the same backend.
 from __future__ import annotations
 
 import os
-import pwd
 import shutil
 import subprocess
 import tempfile
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from pgproxy.auth.devissuer import DevIssuer
-from pgproxy.pgcluster import PgCluster, free_port
-from tests.support.proxy import ProxyProcess
+from pgproxy.pgcluster import PgCluster, free_port, run_as, unprivileged_user
+from tests.support.proxy import ProxyProcess, wait_for_port
 
 BENCH_LOGIN, BENCH_PASSWORD = "bench_login", "bench-password"
 POOL_ROLE, POOL_PASSWORD = "pgproxy_pool", "pool-password"
@@ -101,17 +99,15 @@ logfile = {self.dir}/pgbouncer.log
 log_connections = 0
 log_disconnections = 0
 """)
-        kwargs = {}
-        if os.geteuid() == 0:  # PgBouncer refuses to run as root
-            user = pwd.getpwnam("postgres" if _user_exists("postgres") else "nobody")
-            kwargs = {"user": user.pw_uid, "group": user.pw_gid, "extra_groups": []}
+        user = unprivileged_user()  # PgBouncer refuses to run as root
+        if user is not None:
             for name in ("userlist.txt", "pgbouncer.ini"):
                 (self.dir / name).chmod(0o644)
             os.chown(self.dir, user.pw_uid, user.pw_gid)
         self.bouncer = subprocess.Popen([shutil.which("pgbouncer") or "/usr/sbin/pgbouncer",
                                          str(self.dir / "pgbouncer.ini")],
-                                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, **kwargs)
-        _wait_port(port, self.bouncer)
+                                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, **run_as(user))
+        wait_for_port(port, self.bouncer)
         return Target("pgbouncer", port, BENCH_LOGIN, BENCH_PASSWORD)
 
     def _start_pgproxy(self) -> Target:
@@ -158,25 +154,3 @@ def pgbench() -> str:
         return found
     from pgproxy.pgcluster import find_bindir
     return str(find_bindir() / "pgbench")
-
-
-def _wait_port(port: int, process: subprocess.Popen) -> None:
-    import socket
-    deadline = time.monotonic() + 15
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"process exited with {process.returncode}")
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-            return
-        except OSError:
-            time.sleep(0.05)
-    raise RuntimeError(f"nothing listens on {port}")
-
-
-def _user_exists(name: str) -> bool:
-    try:
-        pwd.getpwnam(name)
-        return True
-    except KeyError:
-        return False

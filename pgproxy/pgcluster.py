@@ -50,10 +50,8 @@ class PgCluster:
         self.data = self.dir / "data"
         self.socket_dir = self.dir / "sock"
         self.settings = settings or {}
-        self._user = None
-        if os.geteuid() == 0:
-            name = "postgres" if _user_exists("postgres") else "nobody"
-            self._user = pwd.getpwnam(name)
+        self._user = unprivileged_user()
+        if self._user is not None:
             os.chown(self.dir, self._user.pw_uid, self._user.pw_gid)
         self.dir.chmod(0o755)
 
@@ -62,8 +60,7 @@ class PgCluster:
         return "127.0.0.1"
 
     def _run(self, args: list[str], **kwargs) -> subprocess.CompletedProcess:
-        if self._user is not None:
-            kwargs.update(user=self._user.pw_uid, group=self._user.pw_gid, extra_groups=[])
+        kwargs.update(run_as(self._user))
         return subprocess.run(args, check=True, capture_output=True, text=True, cwd=self.dir, **kwargs)
 
     def start(self) -> "PgCluster":
@@ -104,9 +101,17 @@ class PgCluster:
         self.stop()
 
 
-def _user_exists(name: str) -> bool:
+def unprivileged_user() -> pwd.struct_passwd | None:
+    """Whom to run PostgreSQL or PgBouncer as: None when we are not root (run as ourselves),
+    else ``postgres`` if it exists, else ``nobody`` — both refuse to run as root."""
+    if os.geteuid() != 0:
+        return None
     try:
-        pwd.getpwnam(name)
-        return True
+        return pwd.getpwnam("postgres")
     except KeyError:
-        return False
+        return pwd.getpwnam("nobody")
+
+
+def run_as(user: pwd.struct_passwd | None) -> dict:
+    """subprocess keyword arguments that drop to ``user`` (nothing when None)."""
+    return {} if user is None else {"user": user.pw_uid, "group": user.pw_gid, "extra_groups": []}

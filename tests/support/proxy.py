@@ -15,6 +15,20 @@ from pathlib import Path
 from pgproxy.pgcluster import free_port
 
 
+def wait_for_port(port: int, process: subprocess.Popen, timeout: float = 15) -> None:
+    """Until something accepts connections on loopback ``port``; fail if ``process`` exits."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"process exited with {process.returncode}")
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError(f"nothing listens on port {port}")
+
+
 def to_toml(table: dict, prefix: str = "") -> str:
     """Enough TOML for our configs: scalars, lists of scalars, tables, arrays of tables."""
     lines, tables = [], []
@@ -59,16 +73,10 @@ class ProxyProcess:
         self._wait_listening()
 
     def _wait_listening(self) -> None:
-        deadline = time.monotonic() + 15
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"pgproxy exited: {self.log()}")
-            try:
-                socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
-                return
-            except OSError:
-                time.sleep(0.05)
-        raise RuntimeError(f"pgproxy did not start listening: {self.log()}")
+        try:
+            wait_for_port(self.port, self.process)
+        except RuntimeError as exc:
+            raise RuntimeError(f"pgproxy did not start: {exc}: {self.log()}") from None
 
     def log(self) -> str:
         self._log.flush()
