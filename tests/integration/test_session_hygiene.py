@@ -103,3 +103,25 @@ def test_broken_idle_backend_is_discarded_not_reused(make_proxy, issuer, databas
     with psycopg.connect(proxy.dsn("alice"), password=issuer.mint("alice", ["sales_emea"])) as conn:
         assert _pid(conn) != pid
         assert conn.execute("SELECT 1").fetchone() == (1,)
+
+
+def test_backend_killed_mid_query_ends_only_that_session_with_a_reason(make_proxy, issuer, database):
+    proxy = make_proxy(backend={"pool_size": 3})
+    bystander = psycopg.connect(proxy.dsn("bob"), password=issuer.mint("bob", ["sales_amer"]), autocommit=True)
+    victim = psycopg.connect(proxy.dsn("alice"), password=issuer.mint("alice", ["sales_emea"]), autocommit=True)
+    victim_pid = _pid(victim)
+    import threading
+    threading.Timer(0.5, lambda: database.psql(f"SELECT pg_terminate_backend({victim_pid})")).start()
+    with pytest.raises(psycopg.OperationalError):
+        victim.execute("SELECT pg_sleep(20)")
+    victim.close()
+    # The statement that was running is audited under alice with the way it ended.
+    records = proxy.audit(lambda r: r.get("statement") == "SELECT pg_sleep(20)")
+    record = [r for r in records if r.get("statement") == "SELECT pg_sleep(20)"][-1]
+    assert record["user"] == "alice" and record["outcome"] in ("error", "connection_lost")
+    assert "server connection lost" in proxy.log() or "backend connection lost" in proxy.log()
+    # Everyone else carries on, and the pool replaces the dead connection.
+    assert bystander.execute("SELECT current_setting('pgproxy.user')").fetchone() == ("bob",)
+    with psycopg.connect(proxy.dsn("alice"), password=issuer.mint("alice", ["sales_emea"])) as again:
+        assert _pid(again) != victim_pid
+    bystander.close()
