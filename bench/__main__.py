@@ -79,6 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, help="pgbench -T per run")
     parser.add_argument("--only", default="", help="comma-separated scenario names")
     parser.add_argument("--out", default=str(RESULTS), help="directory for latest.json and latest.png")
+    parser.add_argument("--workers", type=int, default=1, help="pgproxy worker processes (server.workers)")
     args = parser.parse_args(argv)
 
     rounds = args.rounds or (1 if args.quick or args.smoke else 3)
@@ -91,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     out_dir.mkdir(parents=True, exist_ok=True)
 
     started = time.time()
-    bench = Bench(scale).start()
+    bench = Bench(scale, pgproxy_overrides={"server": {"workers": args.workers}}).start()
     raw: list[dict] = []
     try:
         log_dir = Path(tempfile.mkdtemp(prefix="pgproxy-bench-log-"))
@@ -116,7 +117,8 @@ def main(argv: list[str] | None = None) -> int:
         summary["memory"] = memory
     report = {"started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
               "duration_s": round(time.time() - started, 1), "command": "python -m bench " + " ".join(argv or sys.argv[1:]),
-              "settings": {"rounds": rounds, "seconds": seconds, "scale": scale, "pool_size": 20},
+              "settings": {"rounds": rounds, "seconds": seconds, "scale": scale, "pool_size": 20,
+                           "pgproxy_workers": args.workers},
               "machine": machine(), "versions": versions, "summary": summary, "raw": raw}
     (out_dir / "latest.json").write_text(json.dumps(report, indent=2) + "\n")
     print(table(summary))

@@ -59,6 +59,9 @@ def cmd_serve(args) -> int:
             print(f"error: {problem}", file=sys.stderr)
         return 1
     setup_logging(cfg.log.level, cfg.log.format)
+    if cfg.server.workers > 1:
+        from pgproxy.supervisor import Supervisor
+        return Supervisor(cfg).run()
     run_event_loop(serve_until_signalled(cfg))
     return 0
 
@@ -71,9 +74,10 @@ def run_event_loop(coro) -> None:
         asyncio.run(coro)
 
 
-async def serve_until_signalled(cfg, on_ready=None) -> None:
+async def serve_until_signalled(cfg, on_ready=None, worker: tuple[int, int] = (0, 0)) -> None:
+    """Serve until SIGTERM/SIGINT. ``worker``: (index, supervisor pid) when one of several."""
     from pgproxy.server import ProxyServer
-    server = ProxyServer(cfg)
+    server = ProxyServer(cfg, worker_index=worker[0], group=worker[1])
     await server.start()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

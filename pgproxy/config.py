@@ -44,6 +44,7 @@ HMAC_ALGORITHMS = {"HS256", "HS384", "HS512"}
 @dataclass
 class ServerSection:
     listen: list[str] = option(["127.0.0.1:6432"], "host:port addresses to accept clients on", reloadable=False)
+    workers: int = option(1, "worker processes sharing the listeners; each has its own pools", reloadable=False)
     max_clients: int = option(10_000, "client connections held at once; more are refused with 53300")
     max_message_size: int = option(64 * 1024 * 1024, "largest client message accepted (bytes); larger is 08P01")
     auth_timeout_s: float = option(30.0, "seconds a client has to finish startup and authentication")
@@ -238,6 +239,8 @@ def _check_rules(cfg: Config, problems: list[str]) -> None:
     for key, value in positive:
         if value <= 0:
             problems.append(f"{key}: must be greater than zero")
+    if not 1 <= cfg.server.workers <= 64:
+        problems.append("server.workers: must be 1-64")
     if cfg.server.max_message_size > 1 << 30:
         problems.append("server.max_message_size: at most 1 GiB (PostgreSQL's own limit)")
     if not 0 < cfg.backend.port < 65536:

@@ -14,6 +14,7 @@ import asyncio
 import hmac
 import logging
 import secrets
+import socket
 import struct
 
 from pgproxy.audit import AuditLog
@@ -23,15 +24,22 @@ from pgproxy.backend.pool import Pool
 from pgproxy.config import Config, parse_listen
 from pgproxy.errors import auth_failed, shutting_down, too_many_clients
 from pgproxy.frontend.session import ClientSession
+from pgproxy.supervisor import cancel_socket_name
 
 log = logging.getLogger("pgproxy.server")
 
 JANITOR_INTERVAL_S = 1.0
 
 
+CANCEL_OWNER_SHIFT = 24  # with several workers, a cancel key's top bits name its worker
+
+
 class ProxyServer:
-    def __init__(self, cfg: Config) -> None:
+    def __init__(self, cfg: Config, worker_index: int = 0, group: int = 0) -> None:
         self.cfg = cfg
+        self.worker_index = worker_index
+        self.group = group  # the supervisor's pid; 0 when this is the only process
+        self._cancel_inbox: socket.socket | None = None
         self.audit = AuditLog(cfg.audit)
         self.jwt = JwtAuthenticator(cfg.auth.jwt, cfg.jwt_shared_secret) if cfg.auth.jwt else None
         self._pools: dict[str, Pool] = {}
@@ -69,15 +77,27 @@ class ProxyServer:
             pool = self._pools[database] = Pool(self.cfg.backend, database, self.cfg.backend_password)
         return pool
 
+    @property
+    def multi_worker(self) -> bool:
+        return self.cfg.server.workers > 1
+
     def register_cancel(self, session: ClientSession) -> tuple[int, int]:
         while True:
-            pid = secrets.randbelow(2**31 - 1) + 1
+            if self.multi_worker:
+                pid = (self.worker_index << CANCEL_OWNER_SHIFT) | (secrets.randbelow((1 << CANCEL_OWNER_SHIFT) - 1) + 1)
+            else:
+                pid = secrets.randbelow(2**31 - 1) + 1
             if pid not in self._cancel_keys:
                 break
         self._cancel_keys[pid] = session
         return pid, secrets.randbits(32)
 
     def cancel(self, pid: int, secret: int, peer: str) -> None:
+        owner = pid >> CANCEL_OWNER_SHIFT
+        if self.multi_worker and owner != self.worker_index:
+            if 0 <= owner < self.cfg.server.workers:
+                self._forward_cancel(owner, pid, secret)
+            return
         session = self._cancel_keys.get(pid)
         ok = session is not None and session.cancel_key is not None and hmac.compare_digest(
             struct.pack("!I", session.cancel_key[1]), struct.pack("!I", secret))
@@ -90,6 +110,27 @@ class ProxyServer:
             send_cancel(self.cfg.backend.host, self.cfg.backend.port, backend.pid, backend.secret))
         task.add_done_callback(_log_cancel_failure)
 
+    def _forward_cancel(self, owner: int, pid: int, secret: int) -> None:
+        """Hand a cancel key to the worker that owns it (it checks the secret)."""
+        try:
+            with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as out:
+                out.setblocking(False)
+                out.sendto(struct.pack("!iI", pid, secret), cancel_socket_name(self.group, owner))
+            log.debug("cancel request passed to its worker", extra={"owner": owner})
+        except OSError as exc:
+            log.warning("cannot pass a cancel request to its worker", extra={"owner": owner, "reason": str(exc)})
+
+    def _cancel_inbox_readable(self) -> None:
+        while True:
+            try:
+                data = self._cancel_inbox.recv(64)
+            except (BlockingIOError, InterruptedError):
+                return
+            if len(data) == 8:
+                pid, secret = struct.unpack("!iI", data)
+                if pid >> CANCEL_OWNER_SHIFT == self.worker_index:  # never bounce a key onwards
+                    self.cancel(pid, secret, "another worker")
+
     def statistics(self) -> dict:
         return {"clients": len(self._sessions), "pools": [p.statistics() for p in self._pools.values()],
                 "audit_queue": self.audit.depth, "audit_written": self.audit.records_written}
@@ -100,11 +141,17 @@ class ProxyServer:
         loop = asyncio.get_running_loop()
         for entry in self.cfg.server.listen:
             host, port = parse_listen(entry)
-            listener = await loop.create_server(lambda: ClientSession(self), host, port,
-                                                reuse_address=True, backlog=1024)
+            listener = await loop.create_server(lambda: ClientSession(self), host, port, reuse_address=True,
+                                                reuse_port=self.multi_worker or None, backlog=1024)
             self._listeners.append(listener)
             for sock in listener.sockets:
                 self.addresses.append(sock.getsockname()[:2])
+        if self.multi_worker:
+            inbox = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+            inbox.bind(cancel_socket_name(self.group, self.worker_index))
+            inbox.setblocking(False)
+            self._cancel_inbox = inbox
+            loop.add_reader(inbox.fileno(), self._cancel_inbox_readable)
         self._janitor = loop.create_task(self._janitor_loop())
         log.info("listening", extra={"addresses": ",".join(f"{h}:{p}" for h, p in self.addresses)})
 
@@ -133,6 +180,9 @@ class ProxyServer:
         await asyncio.sleep(0)  # let connection_lost run for what we just closed
         if self._janitor:
             self._janitor.cancel()
+        if self._cancel_inbox is not None:
+            loop.remove_reader(self._cancel_inbox.fileno())
+            self._cancel_inbox.close()
         for pool in self._pools.values():
             await pool.close()
         self.audit.close()

@@ -1,0 +1,112 @@
+"""Several worker processes that act as one proxy.
+
+The supervisor forks ``server.workers`` processes once the configuration is loaded and
+before any thread exists. Each worker binds its own listening sockets with SO_REUSEPORT,
+so the kernel spreads new connections across them, and has its own pools (backend
+connections in all: workers × pool_size). A cancel request may reach any worker:
+cancel keys carry the owner's index in their top bits, and a worker passes a key it
+does not own to the owner over a Unix datagram socket (see ProxyServer.cancel).
+
+Signals: SIGTERM and SIGINT are passed to every worker, which shut down gracefully;
+the supervisor exits 0 once all have exited cleanly. A worker that dies otherwise is
+logged and restarted.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import time
+
+from pgproxy.config import Config, parse_listen
+
+log = logging.getLogger("pgproxy.supervisor")
+
+RESTART_DELAY_S = 0.5
+
+
+class Supervisor:
+    def __init__(self, cfg: Config) -> None:
+        self.cfg = cfg
+        self.workers: dict[int, int] = {}  # pid -> worker index
+        self.stopping = False
+        self.failed = False
+
+    def run(self) -> int:
+        self._check_addresses()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self.handle_stop)
+        for index in range(self.cfg.server.workers):
+            self._spawn(index)
+        log.info("supervisor started", extra={"workers": self.cfg.server.workers})
+        while self.workers:
+            try:
+                pid, status = os.wait()
+            except ChildProcessError:
+                break
+            except InterruptedError:
+                continue
+            index = self.workers.pop(pid, None)
+            if index is None:
+                continue
+            code = os.waitstatus_to_exitcode(status)
+            if self.stopping:
+                self.failed |= code != 0
+                continue
+            log.error("worker died; restarting it", extra={"worker": index, "exit_code": code})
+            time.sleep(RESTART_DELAY_S)
+            self._spawn(index)
+        return 1 if self.failed else 0
+
+    def handle_stop(self, signum, _frame) -> None:
+        self.stopping = True
+        for pid in list(self.workers):
+            try:
+                os.kill(pid, signum)
+            except ProcessLookupError:
+                pass
+
+    def _spawn(self, index: int) -> None:
+        pid = os.fork()
+        if pid:
+            self.workers[pid] = index
+            return
+        code = 1
+        try:
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                signal.signal(sig, signal.SIG_DFL)
+            _tag_logs(index)
+            from pgproxy.cli import run_event_loop, serve_until_signalled
+            run_event_loop(serve_until_signalled(self.cfg, worker=(index, os.getppid())))
+            code = 0
+        except BaseException:
+            log.exception("worker failed", extra={"worker": index})
+        finally:
+            logging.shutdown()
+            os._exit(code)
+
+    def _check_addresses(self) -> None:
+        """Fail in the supervisor, with the reason, if a listen address cannot be bound."""
+        for entry in self.cfg.server.listen:
+            host, port = parse_listen(entry)
+            family = socket.AF_INET6 if ":" in host else socket.AF_INET
+            with socket.socket(family, socket.SOCK_STREAM) as probe:
+                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+                probe.bind((host, port))
+
+
+def _tag_logs(index: int) -> None:
+    class WorkerTag(logging.Filter):
+        def filter(self, record: logging.LogRecord) -> bool:
+            record.worker = index
+            return True
+
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(WorkerTag())
+
+
+def cancel_socket_name(group: int, index: int) -> str:
+    """Abstract-namespace Unix socket of one worker's cancel inbox (nothing on disk)."""
+    return f"\0pgproxy-{group}-cancel-{index}"
