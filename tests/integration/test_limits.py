@@ -33,3 +33,36 @@ def test_clients_over_max_clients_get_53300(make_proxy, issuer):
     proxy = make_proxy(server={"max_clients": 1})
     with psycopg.connect(proxy.dsn("alice"), password=issuer.mint("alice", ["sales_emea"])):
         assert login_error(proxy.port, "bob", issuer.mint("bob", ["sales_amer"]))["C"] == "53300"
+
+
+def test_backend_connections_are_retired_after_their_lifetime(make_proxy, issuer, database):
+    proxy = make_proxy(backend={"lifetime_s": 1})
+    with psycopg.connect(proxy.dsn("alice"), password=issuer.mint("alice", ["sales_emea"])) as conn:
+        pid = conn.execute("SELECT pg_backend_pid()").fetchone()[0]
+    deadline = time.monotonic() + 10
+    while database.psql(f"SELECT count(*) FROM pg_stat_activity WHERE pid = {pid}") != "0":
+        assert time.monotonic() < deadline, "backend connection outlived its lifetime"
+        time.sleep(0.2)
+    assert "lifetime reached" in proxy.log()
+
+
+def test_unresponsive_idle_backend_fails_its_health_check_and_is_replaced(make_proxy, issuer, database):
+    import os
+    import signal
+
+    import pytest
+    if not database.local_processes:
+        pytest.skip("needs PostgreSQL backends running on this machine, to stop one with SIGSTOP")
+    proxy = make_proxy(backend={"health_check_after_s": 0, "connect_timeout_s": 1})
+    with psycopg.connect(proxy.dsn("alice"), password=issuer.mint("alice", ["sales_emea"])) as conn:
+        stuck = conn.execute("SELECT pg_backend_pid()").fetchone()[0]
+    time.sleep(0.3)  # returned and reset
+    os.kill(stuck, signal.SIGSTOP)  # its socket stays open: only a health check can tell
+    try:
+        started = time.monotonic()
+        with psycopg.connect(proxy.dsn("alice"), password=issuer.mint("alice", ["sales_emea"])) as conn:
+            assert conn.execute("SELECT pg_backend_pid()").fetchone()[0] != stuck
+        assert time.monotonic() - started < 10
+        assert "health check failed" in proxy.log()
+    finally:
+        os.kill(stuck, signal.SIGCONT)

@@ -19,6 +19,7 @@ class TestDatabase:
     port: int
     superuser_dsn: str  # libpq key=value DSN without dbname
     _stop: object = field(default=None, repr=False)
+    local_processes: bool = False  # backends are processes on this machine (signals reach them)
 
     def psql(self, sql: str, database: str = "postgres") -> str:
         out = subprocess.run([shutil.which("psql") or "psql", "-X", "-q", "-A", "-t", "-v", "ON_ERROR_STOP=1",
@@ -64,4 +65,5 @@ def start_database() -> TestDatabase:
     from pgproxy.pgcluster import PgCluster
     cluster = PgCluster().start()
     return TestDatabase(cluster.host, cluster.port,
-                        f"host={cluster.socket_dir} port={cluster.port} user=postgres", _stop=cluster.stop)
+                        f"host={cluster.socket_dir} port={cluster.port} user=postgres", _stop=cluster.stop,
+                        local_processes=True)
