@@ -61,8 +61,8 @@ def cmd_serve(args) -> int:
     setup_logging(cfg.log.level, cfg.log.format)
     if cfg.server.workers > 1:
         from pgproxy.supervisor import Supervisor
-        return Supervisor(cfg).run()
-    run_event_loop(serve_until_signalled(cfg))
+        return Supervisor(cfg, args.config).run()
+    run_event_loop(serve_until_signalled(cfg, config_path=args.config))
     return 0
 
 
@@ -74,8 +74,10 @@ def run_event_loop(coro) -> None:
         asyncio.run(coro)
 
 
-async def serve_until_signalled(cfg, on_ready=None, worker: tuple[int, int] = (0, 0)) -> None:
-    """Serve until SIGTERM/SIGINT. ``worker``: (index, supervisor pid) when one of several."""
+async def serve_until_signalled(cfg, on_ready=None, worker: tuple[int, int] = (0, 0),
+                                config_path: str | None = None) -> None:
+    """Serve until SIGTERM/SIGINT; SIGHUP reloads ``config_path``.
+    ``worker``: (index, supervisor pid) when one of several."""
     from pgproxy.server import ProxyServer
     server = ProxyServer(cfg, worker_index=worker[0], group=worker[1])
     await server.start()
@@ -83,10 +85,30 @@ async def serve_until_signalled(cfg, on_ready=None, worker: tuple[int, int] = (0
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    if config_path:
+        loop.add_signal_handler(signal.SIGHUP, reload_config, server, config_path)
     if on_ready:
         on_ready(server)
     await stop.wait()
     await server.shutdown()
+
+
+def reload_config(server, config_path: str) -> None:
+    """SIGHUP: load, validate, apply to new sessions — or keep the running configuration."""
+    from pgproxy.logs import setup_logging
+    try:
+        new = load_config(config_path)
+    except ConfigError as exc:
+        log.error("configuration reload rejected; keeping the running one",
+                  extra={"reason": "; ".join(exc.problems)})
+        return
+    blocked = server.reload(new)
+    if blocked:
+        log.error("configuration reload rejected; keeping the running one",
+                  extra={"reason": f"needs a restart to change: {', '.join(blocked)}"})
+        return
+    setup_logging(new.log.level, new.log.format)
+    log.info("configuration reloaded", extra={"config": config_path})
 
 
 def cmd_demo(args) -> int:

@@ -46,7 +46,8 @@ class ServerSection:
     listen: list[str] = option(["127.0.0.1:6432"], "host:port addresses to accept clients on", reloadable=False)
     workers: int = option(1, "worker processes sharing the listeners; each has its own pools", reloadable=False)
     max_clients: int = option(10_000, "client connections held at once; more are refused with 53300")
-    max_message_size: int = option(64 * 1024 * 1024, "largest client message accepted (bytes); larger is 08P01")
+    max_message_size: int = option(64 * 1024 * 1024, "largest client message accepted (bytes); larger is 08P01",
+                                   reloadable=False)
     auth_timeout_s: float = option(30.0, "seconds a client has to finish startup and authentication")
     shutdown_timeout_s: float = option(30.0, "seconds sessions get to finish on SIGTERM before 57P01")
 
@@ -101,7 +102,7 @@ class RoleRule:
 
 @dataclass
 class AuditSection:
-    file: str = option(REQUIRED, "JSON-lines audit file (appended)")
+    file: str = option(REQUIRED, "JSON-lines audit file (appended)", reloadable=False)
     parameters: str = option("full", "bound parameters in statement records: full, redacted or off")
     max_parameter_length: int = option(256, "longer parameter values are cut to this many characters")
     max_statement_length: int = option(16_384, "longer statement texts are cut to this many characters")
@@ -298,6 +299,21 @@ def _check_role_template(template: str, path: str, problems: list[str]) -> None:
         problems.append(f"{path}: the only placeholder is {{username}}")
     if not template.strip():
         problems.append(f"{path}: must not be empty")
+
+
+def restart_only_changes(old, new, path: str = "") -> list[str]:
+    """Key paths of options marked not reloadable whose value differs between two configs."""
+    changed = []
+    for fld in dataclasses.fields(old):
+        if not fld.metadata:
+            continue
+        key = _join(path, fld.name)
+        a, b = getattr(old, fld.name), getattr(new, fld.name)
+        if dataclasses.is_dataclass(a) and dataclasses.is_dataclass(b):
+            changed += restart_only_changes(a, b, key)
+        elif not fld.metadata["reloadable"] and a != b:
+            changed.append(key)
+    return changed
 
 
 def parse_config(table: dict) -> Config:

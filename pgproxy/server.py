@@ -21,7 +21,7 @@ from pgproxy.audit import AuditLog
 from pgproxy.auth.jwt import JwtAuthenticator, looks_like_jwt
 from pgproxy.backend.connection import send_cancel
 from pgproxy.backend.pool import Pool
-from pgproxy.config import Config, parse_listen
+from pgproxy.config import Config, parse_listen, restart_only_changes
 from pgproxy.errors import auth_failed, shutting_down, too_many_clients
 from pgproxy.frontend.session import ClientSession
 from pgproxy.supervisor import cancel_socket_name
@@ -130,6 +130,22 @@ class ProxyServer:
                 pid, secret = struct.unpack("!iI", data)
                 if pid >> CANCEL_OWNER_SHIFT == self.worker_index:  # never bounce a key onwards
                     self.cancel(pid, secret, "another worker")
+
+    def reload(self, new: Config) -> list[str]:
+        """Apply a new configuration to new sessions; running sessions keep what they have.
+
+        Returns the restart-only options that differ (then nothing is applied)."""
+        blocked = restart_only_changes(self.cfg, new)
+        if blocked:
+            return blocked
+        if new.auth.jwt != self.cfg.auth.jwt or new.jwt_shared_secret != self.cfg.jwt_shared_secret:
+            self.jwt = JwtAuthenticator(new.auth.jwt, new.jwt_shared_secret) if new.auth.jwt else None
+        if new.backend != self.cfg.backend or new.backend_password != self.cfg.backend_password:
+            for pool in self._pools.values():
+                pool.retire()  # idle connections close now, busy ones when returned
+            self._pools = {}
+        self.cfg = new
+        return []
 
     def statistics(self) -> dict:
         return {"clients": len(self._sessions), "pools": [p.statistics() for p in self._pools.values()],

@@ -7,7 +7,8 @@ connections in all: workers × pool_size). A cancel request may reach any worker
 cancel keys carry the owner's index in their top bits, and a worker passes a key it
 does not own to the owner over a Unix datagram socket (see ProxyServer.cancel).
 
-Signals: SIGTERM and SIGINT are passed to every worker, which shut down gracefully;
+Signals: SIGHUP is passed to every worker, which reloads the configuration file itself;
+SIGTERM and SIGINT are passed to every worker, which shut down gracefully;
 the supervisor exits 0 once all have exited cleanly. A worker that dies otherwise is
 logged and restarted.
 """
@@ -28,8 +29,9 @@ RESTART_DELAY_S = 0.5
 
 
 class Supervisor:
-    def __init__(self, cfg: Config) -> None:
+    def __init__(self, cfg: Config, config_path: str) -> None:
         self.cfg = cfg
+        self.config_path = config_path
         self.workers: dict[int, int] = {}  # pid -> worker index
         self.stopping = False
         self.failed = False
@@ -38,6 +40,7 @@ class Supervisor:
         self._check_addresses()
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self.handle_stop)
+        signal.signal(signal.SIGHUP, self.handle_reload)
         for index in range(self.cfg.server.workers):
             self._spawn(index)
         log.info("supervisor started", extra={"workers": self.cfg.server.workers})
@@ -68,6 +71,20 @@ class Supervisor:
             except ProcessLookupError:
                 pass
 
+    def handle_reload(self, signum, _frame) -> None:
+        """Each worker loads and checks the file itself; a restarted worker reads it fresh."""
+        try:
+            from pgproxy.config import load_config
+            self.cfg = load_config(self.config_path)
+        except Exception as exc:  # the workers log the details
+            log.warning("supervisor keeps the last good configuration for restarted workers",
+                        extra={"reason": str(exc).replace("\n", "; ")})
+        for pid in list(self.workers):
+            try:
+                os.kill(pid, signal.SIGHUP)
+            except ProcessLookupError:
+                pass
+
     def _spawn(self, index: int) -> None:
         pid = os.fork()
         if pid:
@@ -77,9 +94,10 @@ class Supervisor:
         try:
             for sig in (signal.SIGTERM, signal.SIGINT):
                 signal.signal(sig, signal.SIG_DFL)
+            signal.signal(signal.SIGHUP, signal.SIG_IGN)  # until the worker's loop handles it
             _tag_logs(index)
             from pgproxy.cli import run_event_loop, serve_until_signalled
-            run_event_loop(serve_until_signalled(self.cfg, worker=(index, os.getppid())))
+            run_event_loop(serve_until_signalled(self.cfg, worker=(index, os.getppid()), config_path=self.config_path))
             code = 0
         except BaseException:
             log.exception("worker failed", extra={"worker": index})

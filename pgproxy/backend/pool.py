@@ -187,6 +187,12 @@ class Pool:
                 keep.append(conn)
         self._idle = keep
 
+    def retire(self) -> None:
+        """The configuration changed: close idle connections now, the rest when returned."""
+        self.closed = True
+        while self._idle:
+            self._forget(self._idle.pop(), "configuration reloaded")
+
     async def close(self) -> None:
         self.closed = True
         for task in list(self._tasks):
