@@ -29,6 +29,16 @@ class TestDatabase:
             raise RuntimeError(f"psql failed: {out.stderr}")
         return out.stdout.strip()
 
+    def backend_gone(self, pid: int, timeout: float = 10) -> bool:
+        """Wait until backend ``pid`` has left pg_stat_activity; False if it is still there."""
+        import time
+        deadline = time.monotonic() + timeout
+        while self.psql(f"SELECT count(*) FROM pg_stat_activity WHERE pid = {pid}") != "0":
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.2)
+        return True
+
     def stop(self) -> None:
         if self._stop:
             self._stop()
