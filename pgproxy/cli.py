@@ -62,7 +62,13 @@ def cmd_serve(args) -> int:
     if cfg.server.workers > 1:
         from pgproxy.supervisor import Supervisor
         return Supervisor(cfg, args.config).run()
-    run_event_loop(serve_until_signalled(cfg, config_path=args.config))
+    from pgproxy.notify import sd_notify
+
+    def ready(server) -> None:
+        addresses = ", ".join(f"{h}:{p}" for h, p in server.addresses)
+        sd_notify("READY=1", f"STATUS=listening on {addresses}")
+
+    run_event_loop(serve_until_signalled(cfg, on_ready=ready, config_path=args.config))
     return 0
 
 
@@ -90,6 +96,9 @@ async def serve_until_signalled(cfg, on_ready=None, worker: tuple[int, int] = (0
     if on_ready:
         on_ready(server)
     await stop.wait()
+    from pgproxy.notify import sd_notify
+    if worker[1] == 0:  # the supervisor speaks for its workers
+        sd_notify("STOPPING=1", "STATUS=draining sessions")
     await server.shutdown()
 
 

@@ -17,11 +17,13 @@ from __future__ import annotations
 
 import logging
 import os
+import select
 import signal
 import socket
 import time
 
 from pgproxy.config import Config, parse_listen
+from pgproxy.notify import sd_notify
 
 log = logging.getLogger("pgproxy.supervisor")
 
@@ -41,9 +43,11 @@ class Supervisor:
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self.handle_stop)
         signal.signal(signal.SIGHUP, self.handle_reload)
+        self._ready_r, self._ready_w = os.pipe()  # each worker writes one byte once it listens
         for index in range(self.cfg.server.workers):
             self._spawn(index)
         log.info("supervisor started", extra={"workers": self.cfg.server.workers})
+        self._wait_ready()
         while self.workers:
             try:
                 pid, status = os.wait()
@@ -63,7 +67,24 @@ class Supervisor:
             self._spawn(index)
         return 1 if self.failed else 0
 
+    def _wait_ready(self) -> None:
+        """Tell systemd READY=1 only when every worker accepts connections."""
+        pending = self.cfg.server.workers
+        while pending > 0 and not self.stopping:
+            readable, _, _ = select.select([self._ready_r], [], [], 0.5)
+            if readable:
+                pending -= len(os.read(self._ready_r, pending))
+            elif any(os.waitpid(pid, os.WNOHANG)[0] for pid in list(self.workers)):
+                log.error("a worker exited before it was ready")
+                self.handle_stop(signal.SIGTERM, None)
+                self.failed = True
+                return
+        if pending <= 0:
+            sd_notify("READY=1", f"STATUS={self.cfg.server.workers} workers listening")
+
     def handle_stop(self, signum, _frame) -> None:
+        if not self.stopping:
+            sd_notify("STOPPING=1", "STATUS=draining sessions")
         self.stopping = True
         for pid in list(self.workers):
             try:
@@ -96,8 +117,11 @@ class Supervisor:
                 signal.signal(sig, signal.SIG_DFL)
             signal.signal(signal.SIGHUP, signal.SIG_IGN)  # until the worker's loop handles it
             _tag_logs(index)
+            os.close(self._ready_r)
+            ready_w = self._ready_w
             from pgproxy.cli import run_event_loop, serve_until_signalled
-            run_event_loop(serve_until_signalled(self.cfg, worker=(index, os.getppid()), config_path=self.config_path))
+            run_event_loop(serve_until_signalled(self.cfg, worker=(index, os.getppid()), config_path=self.config_path,
+                                                 on_ready=lambda _server: os.write(ready_w, b"r")))
             code = 0
         except BaseException:
             log.exception("worker failed", extra={"worker": index})

@@ -58,9 +58,9 @@ def merge(base: dict, override: dict) -> dict:
 
 
 class ProxyProcess:
-    def __init__(self, config: dict) -> None:
+    def __init__(self, config: dict, env: dict | None = None, port: int | None = None) -> None:
         self.dir = Path(tempfile.mkdtemp(prefix="pgproxy-test-"))
-        self.port = free_port()
+        self.port = port or free_port()
         self.audit_path = self.dir / "audit.jsonl"
         config = merge({"server": {"listen": [f"127.0.0.1:{self.port}"]}, "audit": {"file": str(self.audit_path)},
                         "log": {"level": "debug"}}, config)
@@ -69,7 +69,7 @@ class ProxyProcess:
         self.log_path = self.dir / "pgproxy.log"
         self._log = open(self.log_path, "wb")
         self.process = subprocess.Popen([sys.executable, "-m", "pgproxy", "serve", "-c", str(self.config_path)],
-                                        stdout=self._log, stderr=subprocess.STDOUT)
+                                        stdout=self._log, stderr=subprocess.STDOUT, env=env)
         self._wait_listening()
 
     def _wait_listening(self) -> None:
