@@ -17,6 +17,9 @@ from pgproxy.config import ConfigError, load_config
 
 log = logging.getLogger("pgproxy")
 
+# A SIGHUP that reaches a worker before its event loop handles signals (see supervisor).
+early_sighup = {"pending": False}
+
 DEMO_STATE = Path(os.environ.get("XDG_RUNTIME_DIR") or "/tmp") / "pgproxy-demo.json"
 
 
@@ -86,13 +89,16 @@ async def serve_until_signalled(cfg, on_ready=None, worker: tuple[int, int] = (0
     ``worker``: (index, supervisor pid) when one of several."""
     from pgproxy.server import ProxyServer
     server = ProxyServer(cfg, worker_index=worker[0], group=worker[1])
-    await server.start()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     if config_path:
         loop.add_signal_handler(signal.SIGHUP, reload_config, server, config_path)
+        if early_sighup["pending"]:  # a reload asked for while this process was starting
+            early_sighup["pending"] = False
+            reload_config(server, config_path)
+    await server.start()
     if on_ready:
         on_ready(server)
     await stop.wait()

@@ -12,6 +12,8 @@ import logging
 import sys
 import time
 
+worker_index: int | None = None  # set in worker processes; every line then names its worker
+
 _STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {"message", "asctime"}
 
 
@@ -19,6 +21,8 @@ def _fields(record: logging.LogRecord) -> dict:
     fields = {"ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z",
               "level": record.levelname.lower(), "logger": record.name, "msg": record.getMessage()}
     fields.update((k, v) for k, v in vars(record).items() if k not in _STANDARD)
+    if worker_index is not None:
+        fields["worker"] = worker_index
     if record.exc_info:
         fields["exc"] = logging.Formatter().formatException(record.exc_info)
     return fields

@@ -115,8 +115,10 @@ class Supervisor:
         try:
             for sig in (signal.SIGTERM, signal.SIGINT):
                 signal.signal(sig, signal.SIG_DFL)
-            signal.signal(signal.SIGHUP, signal.SIG_IGN)  # until the worker's loop handles it
-            _tag_logs(index)
+            from pgproxy import cli, logs
+            # Until the worker's loop handles SIGHUP, remember one rather than lose it.
+            signal.signal(signal.SIGHUP, lambda *_: cli.early_sighup.update(pending=True))
+            logs.worker_index = index
             os.close(self._ready_r)
             ready_w = self._ready_w
             from pgproxy.cli import run_event_loop, serve_until_signalled
@@ -137,16 +139,6 @@ class Supervisor:
             with socket.socket(family, socket.SOCK_STREAM) as probe:
                 probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
                 probe.bind((host, port))
-
-
-def _tag_logs(index: int) -> None:
-    class WorkerTag(logging.Filter):
-        def filter(self, record: logging.LogRecord) -> bool:
-            record.worker = index
-            return True
-
-    for handler in logging.getLogger().handlers:
-        handler.addFilter(WorkerTag())
 
 
 def cancel_socket_name(group: int, index: int) -> str:

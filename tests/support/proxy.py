@@ -79,7 +79,8 @@ class ProxyProcess:
             raise RuntimeError(f"pgproxy did not start: {exc}: {self.log()}") from None
 
     def log(self) -> str:
-        self._log.flush()
+        if not self._log.closed:
+            self._log.flush()
         return self.log_path.read_text(errors="replace")
 
     def audit(self, wait_for=None, timeout: float = 5.0) -> list[dict]:
