@@ -22,7 +22,7 @@ from pgproxy.auth.jwt import JwtAuthenticator, looks_like_jwt
 from pgproxy.backend.connection import send_cancel
 from pgproxy.backend.pool import Pool
 from pgproxy.config import Config, parse_listen, restart_only_changes
-from pgproxy.errors import auth_failed, shutting_down, too_many_clients
+from pgproxy.errors import auth_failed, shutting_down
 from pgproxy.frontend.session import ClientSession
 from pgproxy.supervisor import cancel_socket_name
 
@@ -56,10 +56,6 @@ class ProxyServer:
             return False
         self._sessions.add(session)
         return True
-
-    @staticmethod
-    def too_many():
-        return too_many_clients()
 
     def forget(self, session: ClientSession) -> None:
         self._sessions.discard(session)

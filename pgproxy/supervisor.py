@@ -86,11 +86,7 @@ class Supervisor:
         if not self.stopping:
             sd_notify("STOPPING=1", "STATUS=draining sessions")
         self.stopping = True
-        for pid in list(self.workers):
-            try:
-                os.kill(pid, signum)
-            except ProcessLookupError:
-                pass
+        self._signal_workers(signum)
 
     def handle_reload(self, signum, _frame) -> None:
         """Each worker loads and checks the file itself; a restarted worker reads it fresh."""
@@ -100,9 +96,12 @@ class Supervisor:
         except Exception as exc:  # the workers log the details
             log.warning("supervisor keeps the last good configuration for restarted workers",
                         extra={"reason": str(exc).replace("\n", "; ")})
+        self._signal_workers(signal.SIGHUP)
+
+    def _signal_workers(self, signum: int) -> None:
         for pid in list(self.workers):
             try:
-                os.kill(pid, signal.SIGHUP)
+                os.kill(pid, signum)
             except ProcessLookupError:
                 pass
 

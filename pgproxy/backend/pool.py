@@ -121,8 +121,7 @@ class Pool:
         if not reusable or conn.broken or self.closed:
             if busy and not conn.broken:
                 self._spawn(send_cancel(self._cfg.host, self._cfg.port, conn.pid, conn.secret))
-            conn.close(reason or conn.close_reason or "not reusable")
-            self._forget(conn, reason)
+            self._forget(conn, reason or conn.close_reason or "not reusable")
             return
         self._spawn(self._reset_and_return(conn))
 

@@ -33,7 +33,7 @@ import time
 from collections import deque
 
 from pgproxy.errors import (PgProxyError, ProxyFailure, auth_failed, no_user_name, not_authorized,
-                            protocol_violation, unsupported)
+                            protocol_violation, too_many_clients, unsupported)
 from pgproxy.frontend.startup import client_settings, identity_sql, text_array
 from pgproxy.protocol import messages as msg
 from pgproxy.protocol.framing import MessageReader, ServerStreamScanner, read_startup_packet
@@ -121,7 +121,7 @@ class ClientSession(asyncio.Protocol):
         self._auth_timer = asyncio.get_running_loop().call_later(
             self.server.cfg.server.auth_timeout_s, self._auth_timed_out)
         if not self.server.admit(self):
-            self._fail(self.server.too_many())
+            self._fail(too_many_clients())
 
     def data_received(self, data: bytes) -> None:
         try:
@@ -467,12 +467,15 @@ class ClientSession(asyncio.Protocol):
                                     time.perf_counter() - st.t0, outcome, st.sqlstate,
                                     backend.pid if backend else None)
 
-    def server_lost(self, reason: str) -> None:
+    def _pending_statements(self):
+        """Statements sent but not yet answered with ReadyForQuery."""
         for unit in self._units:
-            statements = [unit] if isinstance(unit, _Statement) else list(unit.executes)
-            for st in statements:
-                st.sqlstate = st.sqlstate or "08006"
-                self._audit(st, "connection_lost")
+            yield from ([unit] if isinstance(unit, _Statement) else unit.executes)
+
+    def server_lost(self, reason: str) -> None:
+        for st in self._pending_statements():
+            st.sqlstate = st.sqlstate or "08006"
+            self._audit(st, "connection_lost")
         self._units.clear()
         self._close(f"server connection lost: {reason}")
 
@@ -482,8 +485,7 @@ class ClientSession(asyncio.Protocol):
         backend, pool = self.backend, self.pool
         self.backend = None
         reusable = not self._units and self._scanner.at_boundary
-        for unit in self._units:  # statements still running when the client left
-            for st in ([unit] if isinstance(unit, _Statement) else unit.executes):
-                self._audit(st, "client_gone", backend)
+        for st in self._pending_statements():  # still running when the client left
+            self._audit(st, "client_gone", backend)
         pool.release(backend, reusable, reason=f"client left mid-request ({reason})" if not reusable else reason,
                      busy=not reusable)
