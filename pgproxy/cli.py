@@ -1,4 +1,4 @@
-"""Command line: serve, check-config, demo, dev-token."""
+"""Command line: serve, check-config, demo, dev-token, admin."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import logging
 import os
 import signal
 import sys
+import urllib.error
 import urllib.parse
 import urllib.request
 from pathlib import Path
@@ -37,9 +38,16 @@ def main(argv: list[str] | None = None) -> int:
     token.add_argument("--groups", default="", help="comma-separated groups")
     token.add_argument("--ttl", type=int, default=3600, help="seconds until it expires")
     token.add_argument("--issuer", default="", help="dev issuer URL (default: the running demo's)")
+    admin = sub.add_parser("admin", help="the running proxy's admin API (http.listen, http.admin_token)")
+    admin.add_argument("-c", "--config", required=True)
+    admin.add_argument("action", choices=["sessions", "pools", "terminate", "unblock"])
+    admin.add_argument("user", nargs="?", default="", help="whose sessions (terminate, unblock; filters sessions)")
+    admin.add_argument("--block", type=float, default=0.0, metavar="SECONDS",
+                       help="terminate: also refuse the user's logins this long")
+    admin.add_argument("--json", action="store_true", help="print the API's JSON answer")
     args = parser.parse_args(argv)
     return {"serve": cmd_serve, "check-config": cmd_check_config, "demo": cmd_demo,
-            "dev-token": cmd_dev_token}[args.command](args)
+            "dev-token": cmd_dev_token, "admin": cmd_admin}[args.command](args)
 
 
 def cmd_check_config(args) -> int:
@@ -147,3 +155,52 @@ def cmd_dev_token(args) -> int:
         print(f"cannot reach the dev issuer at {issuer}: {exc}", file=sys.stderr)
         return 1
     return 0
+
+
+def cmd_admin(args) -> int:
+    from pgproxy.config import parse_listen
+    try:
+        cfg = load_config(args.config)
+    except ConfigError as exc:
+        for problem in exc.problems:
+            print(f"error: {problem}", file=sys.stderr)
+        return 1
+    if not cfg.http.listen or not cfg.admin_token:
+        print("error: the admin API needs http.listen and http.admin_token_file (or _env)", file=sys.stderr)
+        return 1
+    if args.action in ("terminate", "unblock") and not args.user:
+        print(f"error: {args.action} needs a user name", file=sys.stderr)
+        return 2
+    host, port = parse_listen(cfg.http.listen)
+    if host in ("0.0.0.0", "::"):
+        host = "127.0.0.1"
+    query = urllib.parse.urlencode({k: v for k, v in (("user", args.user), ("block_s", args.block)) if v})
+    method = "POST" if args.action in ("terminate", "unblock") else "GET"
+    url = f"http://{host if ':' not in host else f'[{host}]'}:{port}/admin/{args.action}?{query}"
+    request = urllib.request.Request(url, method=method, headers={"Authorization": f"Bearer {cfg.admin_token}"})
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            answer = json.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        print(f"error: {exc.code}: {exc.read().decode(errors='replace').strip()}", file=sys.stderr)
+        return 1
+    except OSError as exc:
+        print(f"error: cannot reach the admin API at {host}:{port}: {exc}", file=sys.stderr)
+        return 1
+    if args.json or args.action in ("terminate", "unblock"):
+        print(json.dumps(answer, indent=1))
+    else:
+        _print_table(answer, SESSION_COLUMNS if args.action == "sessions" else POOL_COLUMNS)
+    return 0
+
+
+SESSION_COLUMNS = ("user", "role", "client", "application", "since", "state", "database", "worker", "session")
+POOL_COLUMNS = ("worker", "database", "size", "idle", "waiting", "acquires", "acquire_timeouts",
+                "connections_opened", "connections_closed")
+
+
+def _print_table(rows: list[dict], columns: tuple) -> None:
+    cells = [[str(row.get(c, "")) for c in columns] for row in rows]
+    widths = [max([len(c)] + [len(r[i]) for r in cells]) for i, c in enumerate(columns)]
+    for line in [list(columns)] + cells:
+        print("  ".join(v.ljust(w) for v, w in zip(line, widths)).rstrip())

@@ -44,12 +44,17 @@ HMAC_ALGORITHMS = {"HS256", "HS384", "HS512"}
 @dataclass
 class ServerSection:
     listen: list[str] = option(["127.0.0.1:6432"], "host:port addresses to accept clients on", reloadable=False)
-    workers: int = option(1, "worker processes sharing the listeners; each has its own pools", reloadable=False)
+    workers: int = option(0, "worker processes sharing the listeners, each with its own pools; 0 = one per CPU",
+                          reloadable=False)
     max_clients: int = option(10_000, "client connections held at once; more are refused with 53300")
     max_message_size: int = option(64 * 1024 * 1024, "largest client message accepted (bytes); larger is 08P01",
                                    reloadable=False)
     auth_timeout_s: float = option(30.0, "seconds a client has to finish startup and authentication")
     shutdown_timeout_s: float = option(30.0, "seconds sessions get to finish on SIGTERM before 57P01")
+
+    def __post_init__(self) -> None:
+        if self.workers == 0:  # the CPUs this process may run on (cgroup/affinity aware), at most 64
+            self.workers = min(len(os.sched_getaffinity(0)), 64)
 
 
 @dataclass
@@ -116,6 +121,15 @@ class LogSection:
 
 
 @dataclass
+class HttpSection:
+    listen: str = option("", "host:port for /metrics, /healthz, /readyz and /admin; empty: no HTTP port",
+                         reloadable=False)
+    admin_token_file: str = option("", "file holding the bearer token of the /admin API (first line)")
+    admin_token_env: str = option("", "environment variable holding that token")
+    admin_remote: bool = option(False, "answer /admin from non-loopback addresses too (TLS is not offered)")
+
+
+@dataclass
 class Config:
     backend: BackendSection = option(REQUIRED, "the PostgreSQL server and its pool")
     auth: AuthSection = option(REQUIRED, "how clients prove who they are")
@@ -123,14 +137,17 @@ class Config:
     server: ServerSection = option(None, "client-facing listeners and limits")
     roles: list[RoleRule] = option([], "identity -> role rules; the first match wins")
     log: LogSection = option(None, "diagnostic logging")
+    http: HttpSection = option(None, "metrics, health and the admin API over HTTP")
 
     # Filled by resolve_secrets(); never part of the file.
     backend_password: str | None = field(default=None, repr=False, compare=False)
     jwt_shared_secret: bytes | None = field(default=None, repr=False, compare=False)
+    admin_token: str | None = field(default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         self.server = self.server or ServerSection()
         self.log = self.log or LogSection()
+        self.http = self.http or HttpSection()
 
     def resolve_secrets(self) -> None:
         """Read secrets from their files or environment variables (the load step)."""
@@ -141,6 +158,10 @@ class Config:
         if jwt and (jwt.shared_secret_file or jwt.shared_secret_env):
             secret = _read_secret(jwt.shared_secret_file, jwt.shared_secret_env, "auth.jwt.shared_secret", problems)
             self.jwt_shared_secret = secret.encode() if secret else None
+        self.admin_token = _read_secret(self.http.admin_token_file, self.http.admin_token_env,
+                                        "http.admin_token", problems)
+        if self.admin_token is not None and len(self.admin_token) < 16:
+            problems.append("http.admin_token: use at least 16 characters")
         if problems:
             raise ConfigError(problems)
 
@@ -246,6 +267,13 @@ def _check_rules(cfg: Config, problems: list[str]) -> None:
         problems.append("server.max_message_size: at most 1 GiB (PostgreSQL's own limit)")
     if not 0 < cfg.backend.port < 65536:
         problems.append("backend.port: must be 1-65535")
+    if cfg.http.listen:
+        try:
+            parse_listen(cfg.http.listen)
+        except ValueError as exc:
+            problems.append(f"http.listen: {exc}")
+    if cfg.http.admin_token_file and cfg.http.admin_token_env:
+        problems.append("http: set admin_token_file or admin_token_env, not both")
     if cfg.backend.password_file and cfg.backend.password_env:
         problems.append("backend: set password_file or password_env, not both")
     jwt = cfg.auth.jwt

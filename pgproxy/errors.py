@@ -15,9 +15,10 @@ class PgProxyError(Exception):
     severity = "ERROR"
 
     def __init__(self, message: str, *, sqlstate: str | None = None, severity: str | None = None,
-                 log_detail: str = "") -> None:
+                 log_detail: str = "", denial: str = "") -> None:
         super().__init__(message)
         self.message = message
+        self.denial = denial  # set when policy refused something: the reason counted in metrics
         if sqlstate:
             self.sqlstate = sqlstate
         if severity:
@@ -55,7 +56,12 @@ def no_user_name() -> ClientError:
 
 def not_authorized(user: str, reason: str) -> ClientError:
     return ClientError(f'user "{user}" is not allowed to connect', sqlstate="28000",
-                       severity="FATAL", log_detail=reason)
+                       severity="FATAL", log_detail=reason, denial="not_authorized")
+
+
+def blocked_by_operator(user: str) -> ClientError:
+    return ClientError(f'user "{user}" is not allowed to connect', sqlstate="28000", severity="FATAL",
+                       log_detail="blocked by an operator (admin API)", denial="blocked")
 
 
 def auth_unavailable(reason: str) -> ProxyFailure:
@@ -66,7 +72,7 @@ def auth_unavailable(reason: str) -> ProxyFailure:
 def forbidden_parameter(name: str) -> ClientError:
     return ClientError(f'startup parameter "{name}" may not be set through pgproxy: '
                        "the role and identity come from your credentials",
-                       sqlstate="42501", severity="FATAL")
+                       sqlstate="42501", severity="FATAL", denial="startup_parameter")
 
 
 def unsupported(what: str) -> ClientError:
@@ -90,3 +96,8 @@ def too_many_clients() -> ProxyFailure:
 def shutting_down() -> ProxyFailure:
     return ProxyFailure("terminating connection due to administrator command",
                         sqlstate="57P01", severity="FATAL")
+
+
+def terminated_by_operator() -> ProxyFailure:
+    return ProxyFailure("terminating connection due to administrator command", sqlstate="57P01",
+                        severity="FATAL", log_detail="terminated by an operator (admin API)")

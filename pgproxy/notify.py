@@ -15,6 +15,9 @@ def sd_notify(*fields: str) -> bool:
         return False
     if address.startswith("@"):  # abstract namespace
         address = "\0" + address[1:]
-    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
-        sock.sendto("\n".join(fields).encode(), address)
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+            sock.sendto("\n".join(fields).encode(), address)
+    except OSError:  # systemd gone or the socket closed: a notification must never stop the proxy
+        return False
     return True

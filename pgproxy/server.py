@@ -5,7 +5,12 @@ Lifecycle (as uvicorn does it): ``start`` binds every listener and starts the ja
 ends the rest with 57P01, closes the pools and flushes the audit trail.
 
 The janitor is the one place for periodic work: once a second it lets every pool close
-idle connections past their idle timeout or lifetime.
+idle connections past their idle timeout or lifetime, and (single process under a
+systemd watchdog) tells systemd the loop is alive.
+
+Introspection (metrics, /readyz, the admin API) goes through ``control``: one request,
+one answer. ``gather`` asks every worker — this one directly, the others over the
+control channel — so any worker can answer for the whole proxy.
 """
 
 from __future__ import annotations
@@ -13,22 +18,28 @@ from __future__ import annotations
 import asyncio
 import hmac
 import logging
+import os
 import secrets
 import socket
 import struct
+import time
 
+from pgproxy import control
 from pgproxy.audit import AuditLog
 from pgproxy.auth.jwt import JwtAuthenticator, looks_like_jwt
-from pgproxy.backend.connection import send_cancel
+from pgproxy.backend.connection import open_connection, send_cancel
 from pgproxy.backend.pool import Pool
-from pgproxy.config import Config, parse_listen, restart_only_changes
-from pgproxy.errors import auth_failed, shutting_down
+from pgproxy.config import HMAC_ALGORITHMS, Config, parse_listen, restart_only_changes
+from pgproxy.errors import PgProxyError, auth_failed, blocked_by_operator, shutting_down, terminated_by_operator
 from pgproxy.frontend.session import ClientSession
+from pgproxy.metrics import Metrics
+from pgproxy.notify import sd_notify
 from pgproxy.supervisor import cancel_socket_name
 
 log = logging.getLogger("pgproxy.server")
 
 JANITOR_INTERVAL_S = 1.0
+READY_CACHE_S = 5.0  # /readyz logs in to PostgreSQL at most this often
 
 
 CANCEL_OWNER_SHIFT = 24  # with several workers, a cancel key's top bits name its worker
@@ -47,7 +58,11 @@ class ProxyServer:
         self._cancel_keys: dict[int, ClientSession] = {}
         self._listeners: list[asyncio.AbstractServer] = []
         self._janitor: asyncio.Task | None = None
+        self._services: list[asyncio.AbstractServer] = []  # control channel and HTTP port
         self.addresses: list[tuple[str, int]] = []
+        self.metrics = Metrics()
+        self._blocked: dict[str, float] = {}  # user -> monotonic time until which logins are refused
+        self._backend_ok_at = float("-inf")
 
     # --- what sessions ask of the server ---------------------------------------------
 
@@ -63,9 +78,28 @@ class ProxyServer:
             self._cancel_keys.pop(session.cancel_key[0], None)
 
     async def authenticate(self, user: str, secret: str):
-        if self.jwt is not None and looks_like_jwt(secret):
-            return await self.jwt.authenticate(user, secret)
-        raise auth_failed(user, "password is not a JWT and no other authenticator is configured")
+        method = "jwt" if self.jwt is not None and looks_like_jwt(secret) else "none"
+        try:
+            if not secret:
+                raise auth_failed(user, "empty password")
+            if method == "none":
+                raise auth_failed(user, "password is not a JWT and no other authenticator is configured")
+            identity = await self.jwt.authenticate(user, secret)
+            if self.is_blocked(user) or self.is_blocked(identity.username):
+                raise blocked_by_operator(user)
+        except PgProxyError as exc:
+            result = {"28P01": "failed", "28000": "refused"}.get(exc.sqlstate, "unavailable")
+            self.metrics.count("pgproxy_auth_attempts", method, result)
+            raise
+        self.metrics.count("pgproxy_auth_attempts", method, "ok")
+        return identity
+
+    def is_blocked(self, user: str) -> bool:
+        until = self._blocked.get(user)
+        if until is not None and until <= time.monotonic():
+            del self._blocked[user]
+            return False
+        return until is not None
 
     def pool_for(self, database: str) -> Pool:
         pool = self._pools.get(database)
@@ -143,9 +177,103 @@ class ProxyServer:
         self.cfg = new
         return []
 
-    def statistics(self) -> dict:
-        return {"clients": len(self._sessions), "pools": [p.statistics() for p in self._pools.values()],
-                "audit_queue": self.audit.depth, "audit_written": self.audit.records_written}
+    # --- introspection and operator actions --------------------------------------------
+
+    async def gather(self, request: dict) -> list[dict | None]:
+        """Every worker's answer to a control request (None for a worker that did not answer)."""
+        if not self.multi_worker:
+            return [await self.control(request)]
+
+        async def one(index: int) -> dict | None:
+            if index == self.worker_index:
+                return await self.control(request)
+            try:
+                return await control.ask(control.control_socket_name(self.group, index), request)
+            except (OSError, ValueError, asyncio.TimeoutError) as exc:
+                log.warning("a worker did not answer", extra={"worker": index, "op": request.get("op"),
+                                                               "reason": repr(exc)})
+                return None
+
+        return list(await asyncio.gather(*(one(i) for i in range(self.cfg.server.workers))))
+
+    async def control(self, request: dict) -> dict:
+        op = request.get("op")
+        if op == "ping":
+            return {"pid": os.getpid()}
+        if op == "stats":
+            return self._metrics_snapshot()
+        if op == "ready":
+            return {"problems": await self._readiness_problems()}
+        if op == "sessions":
+            user = request.get("user") or None
+            return {"sessions": [self._describe(s) for s in self._sessions if user is None or s.user == user]}
+        if op == "pools":
+            return {"pools": [{"worker": self.worker_index, **p.statistics()} for p in self._pools.values()]}
+        if op == "terminate":
+            return {"ended": self.terminate(str(request["user"]), float(request.get("block_s", 0)))}
+        if op == "unblock":
+            return {"ended": 0, "unblocked": self._blocked.pop(str(request["user"]), None) is not None}
+        return {"error": f"unknown op {op!r}"}
+
+    def terminate(self, user: str, block_s: float = 0.0) -> int:
+        """End every session of ``user`` now (57P01); refuse their logins for ``block_s``."""
+        if block_s > 0:
+            self._blocked[user] = time.monotonic() + block_s
+        victims = [s for s in self._sessions if s.user == user]
+        for session in victims:
+            session.end(terminated_by_operator())
+        self.metrics.count("pgproxy_admin_terminations", n=len(victims))
+        return len(victims)
+
+    def _describe(self, session: ClientSession) -> dict:
+        return {"worker": self.worker_index, "session": session.session_id, "user": session.user,
+                "role": session.role, "client": session.peer, "database": session.database,
+                "application": session.application_name, "auth_method": getattr(session.identity, "auth_method", ""),
+                "since": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(session.connected_at)),
+                "state": session.activity, "backend_pid": session.backend.pid if session.backend else None}
+
+    def _metrics_snapshot(self) -> dict:
+        clients: dict[str, int] = {}
+        for session in self._sessions:
+            clients[session.activity] = clients.get(session.activity, 0) + 1
+        gauges = [["pgproxy_client_connections", [state], n] for state, n in clients.items()]
+        gauges.append(["pgproxy_audit_queue_depth", [], self.audit.depth])
+        counters = [["pgproxy_audit_records", [], self.audit.records_written],
+                    ["pgproxy_audit_write_errors", [], self.audit.write_errors]]
+        histograms = []
+        for pool in self._pools.values():
+            stats, db = pool.statistics(), [pool.database]
+            gauges += [["pgproxy_backend_connections", [*db, "idle"], stats["idle"]],
+                       ["pgproxy_backend_connections", [*db, "in_use"], stats["size"] - stats["idle"]],
+                       ["pgproxy_pool_waiting_clients", db, stats["waiting"]]]
+            counters += [["pgproxy_backend_connects", db, stats["connections_opened"]],
+                         ["pgproxy_pool_acquire_timeouts", db, stats["acquire_timeouts"]]]
+            histograms.append(["pgproxy_pool_wait_seconds", db, *pool.wait_histogram.snapshot()])
+        if self.jwt is not None:
+            counters += [["pgproxy_jwks_refreshes", ["ok"], self.jwt.keys.refreshes],
+                         ["pgproxy_jwks_refreshes", ["error"], self.jwt.keys.refresh_failures]]
+        snapshot = self.metrics.snapshot(gauges, histograms)
+        snapshot["counters"] += counters
+        return snapshot
+
+    async def _readiness_problems(self) -> list[str]:
+        problems = []
+        jwt_cfg = self.cfg.auth.jwt
+        needs_keys = jwt_cfg is not None and not set(jwt_cfg.algorithms) <= HMAC_ALGORITHMS
+        if needs_keys and not await self.jwt.keys.ensure_loaded():
+            problems.append("the IdP's signing keys are not loaded")
+        if time.monotonic() - self._backend_ok_at > READY_CACHE_S:
+            cfg = self.cfg.backend
+            database = cfg.databases[0] if cfg.databases else "postgres"
+            try:
+                conn = await open_connection(cfg.host, cfg.port, database, cfg.user, self.cfg.backend_password,
+                                             cfg.connect_timeout_s)
+                conn.close("readiness check done")
+                self._backend_ok_at = time.monotonic()
+            except PgProxyError as exc:
+                log.warning("readiness: cannot log in to PostgreSQL", extra={"reason": exc.log_detail})
+                problems.append("cannot log in to PostgreSQL")
+        return problems
 
     # --- lifecycle ---------------------------------------------------------------------
 
@@ -159,6 +287,14 @@ class ProxyServer:
             for sock in listener.sockets:
                 self.addresses.append(sock.getsockname()[:2])
         if self.multi_worker:
+            self._services.append(await control.serve(control.control_socket_name(self.group, self.worker_index),
+                                                      self.control))
+        if self.cfg.http.listen:
+            from pgproxy import http_api
+            self._services.append(await http_api.start(self))
+        if self.jwt is not None:  # warm the key cache so the first login and /readyz need not wait
+            loop.create_task(self.jwt.keys.ensure_loaded())
+        if self.multi_worker:
             inbox = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
             inbox.bind(cancel_socket_name(self.group, self.worker_index))
             inbox.setblocking(False)
@@ -168,8 +304,11 @@ class ProxyServer:
         log.info("listening", extra={"addresses": ",".join(f"{h}:{p}" for h, p in self.addresses)})
 
     async def _janitor_loop(self) -> None:
+        watchdog = self.group == 0 and bool(os.environ.get("WATCHDOG_USEC"))  # workers: the supervisor pings
         while True:
             await asyncio.sleep(JANITOR_INTERVAL_S)
+            if watchdog:
+                sd_notify("WATCHDOG=1")
             for pool in list(self._pools.values()):
                 try:
                     pool.janitor_tick()
@@ -178,7 +317,7 @@ class ProxyServer:
 
     async def shutdown(self) -> None:
         log.info("shutting down", extra={"sessions": len(self._sessions)})
-        for listener in self._listeners:
+        for listener in self._listeners + self._services:
             listener.close()
         for session in list(self._sessions):
             if not session.logged_in:  # nothing to finish: no statement can be running

@@ -11,6 +11,11 @@ Signals: SIGHUP is passed to every worker, which reloads the configuration file 
 SIGTERM and SIGINT are passed to every worker, which shut down gracefully;
 the supervisor exits 0 once all have exited cleanly. A worker that dies otherwise is
 logged and restarted.
+
+Watchdog: under systemd with WatchdogSec= (WATCHDOG_USEC set), the supervisor pings
+every worker over the control channel twice per watchdog period and sends WATCHDOG=1
+while it runs. A worker that misses two pings in a row (a stuck event loop) is killed
+and restarted, so systemd restarts the whole service only if the supervisor is stuck.
 """
 
 from __future__ import annotations
@@ -22,12 +27,15 @@ import signal
 import socket
 import time
 
+from pgproxy import control
 from pgproxy.config import Config, parse_listen
 from pgproxy.notify import sd_notify
 
 log = logging.getLogger("pgproxy.supervisor")
 
 RESTART_DELAY_S = 0.5
+WAKE_INTERVAL_S = 0.5  # how often the supervisor looks for dead workers without a signal
+MISSED_PINGS_LIMIT = 2
 
 
 class Supervisor:
@@ -37,24 +45,45 @@ class Supervisor:
         self.workers: dict[int, int] = {}  # pid -> worker index
         self.stopping = False
         self.failed = False
+        self._missed_pings: dict[int, int] = {}  # worker index -> pings in a row without answer
 
     def run(self) -> int:
         self._check_addresses()
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self.handle_stop)
         signal.signal(signal.SIGHUP, self.handle_reload)
+        signal.signal(signal.SIGCHLD, lambda *_: None)  # only to wake the select below
         self._ready_r, self._ready_w = os.pipe()  # each worker writes one byte once it listens
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_w, False)
+        signal.set_wakeup_fd(self._wake_w)
         for index in range(self.cfg.server.workers):
             self._spawn(index)
         log.info("supervisor started", extra={"workers": self.cfg.server.workers})
         self._wait_ready()
+        watchdog_s = int(os.environ.get("WATCHDOG_USEC") or 0) / 2e6
+        next_ping = time.monotonic() + watchdog_s
+        while self._reap():
+            select.select([self._wake_r], [], [], WAKE_INTERVAL_S)
+            os.set_blocking(self._wake_r, False)
+            try:
+                os.read(self._wake_r, 4096)
+            except BlockingIOError:
+                pass
+            if watchdog_s and time.monotonic() >= next_ping:
+                next_ping = time.monotonic() + watchdog_s
+                self._ping_workers(min(watchdog_s, control.TIMEOUT_S))
+        return 1 if self.failed else 0
+
+    def _reap(self) -> bool:
+        """Collect exited workers, restarting them unless stopping; False once none is left."""
         while self.workers:
             try:
-                pid, status = os.wait()
+                pid, status = os.waitpid(-1, os.WNOHANG)
             except ChildProcessError:
-                break
-            except InterruptedError:
-                continue
+                return False
+            if pid == 0:
+                return True
             index = self.workers.pop(pid, None)
             if index is None:
                 continue
@@ -65,7 +94,22 @@ class Supervisor:
             log.error("worker died; restarting it", extra={"worker": index, "exit_code": code})
             time.sleep(RESTART_DELAY_S)
             self._spawn(index)
-        return 1 if self.failed else 0
+        return False
+
+    def _ping_workers(self, timeout: float) -> None:
+        if self.stopping:
+            return
+        for pid, index in list(self.workers.items()):
+            try:
+                control.ask_blocking(control.control_socket_name(os.getpid(), index), {"op": "ping"}, timeout)
+                self._missed_pings[index] = 0
+            except (OSError, ValueError):
+                missed = self._missed_pings[index] = self._missed_pings.get(index, 0) + 1
+                if missed >= MISSED_PINGS_LIMIT:
+                    log.error("worker does not answer; killing it", extra={"worker": index, "pid": pid})
+                    self._missed_pings[index] = 0
+                    os.kill(pid, signal.SIGKILL)  # reaped and restarted by the loop
+        sd_notify("WATCHDOG=1")
 
     def _wait_ready(self) -> None:
         """Tell systemd READY=1 only when every worker accepts connections."""
@@ -109,10 +153,14 @@ class Supervisor:
         pid = os.fork()
         if pid:
             self.workers[pid] = index
+            self._missed_pings[index] = 0
             return
         code = 1
         try:
-            for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.set_wakeup_fd(-1)
+            os.close(self._wake_r)
+            os.close(self._wake_w)
+            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGCHLD):
                 signal.signal(sig, signal.SIG_DFL)
             from pgproxy import cli, logs
             # Until the worker's loop handles SIGHUP, remember one rather than lose it.

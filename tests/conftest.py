@@ -50,6 +50,7 @@ def base_config(database, issuer, tmp_path_factory):
     password_file = tmp_path_factory.mktemp("secrets") / "pool-password"
     password_file.write_text(database.pool_password + "\n")
     return {
+        "server": {"workers": 1},  # tests that want several workers say so
         "backend": {"host": database.host, "port": database.port, "user": POOL_ROLE,
                     "password_file": str(password_file), "pool_size": 5},
         "auth": {"jwt": {"issuer": issuer.url, "audience": "pgproxy", "jwks_refresh_min_interval_s": 0.5}},

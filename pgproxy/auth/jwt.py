@@ -56,6 +56,22 @@ class JwksCache:
         self._lock = asyncio.Lock()
         self._ssl = ssl.create_default_context(cafile=cfg.ca_file or None)
         self.refreshes = 0
+        self.refresh_failures = 0
+
+    @property
+    def loaded(self) -> bool:
+        return bool(self._keys or self._anonymous)
+
+    async def ensure_loaded(self) -> bool:
+        """Fetch the keys if none are loaded (rate-limited like any refetch); report whether any are."""
+        if not self.loaded:
+            async with self._lock:
+                if not self.loaded and time.monotonic() - self._fetched_at >= self._cfg.jwks_refresh_min_interval_s:
+                    try:
+                        await self._refresh()
+                    except PgProxyError as exc:
+                        log.warning("cannot load the IdP's signing keys: %s", exc.log_detail)
+        return self.loaded
 
     async def key_for(self, kid: str | None, alg: str) -> object:
         key = self._lookup(kid, alg)
@@ -89,6 +105,7 @@ class JwksCache:
                 self._jwks_url = url
             document = await self._get_json(self._jwks_url)
         except Exception as exc:  # every way the IdP can fail means: refuse
+            self.refresh_failures += 1
             raise auth_unavailable(f"cannot fetch the IdP's keys: {exc}") from None
         keys, anonymous = {}, []
         for entry in document.get("keys", []) if isinstance(document, dict) else []:

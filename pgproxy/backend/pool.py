@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pgproxy.backend.connection import BackendConnection, BackendState, open_connection, send_cancel
 from pgproxy.config import BackendSection
 from pgproxy.errors import PgProxyError, pool_timeout
+from pgproxy.metrics import WAIT_BUCKETS, Histogram
 
 log = logging.getLogger("pgproxy.pool")
 
@@ -45,6 +46,7 @@ class Pool:
         self._tasks: set[asyncio.Task] = set()
         self.size = 0  # every connection this pool owns, in any state but CLOSED
         self.stats = PoolStats()
+        self.wait_histogram = Histogram(WAIT_BUCKETS)
         self.closed = False
 
     def statistics(self) -> dict:
@@ -82,8 +84,10 @@ class Pool:
                 if conn is not None:
                     self._forget(conn, "broken while handed over")
         finally:
+            waited = loop.time() - started
             self.stats.acquires += 1
-            self.stats.wait_seconds_total += loop.time() - started
+            self.stats.wait_seconds_total += waited
+            self.wait_histogram.observe(waited)
 
     async def _take_idle(self) -> BackendConnection | None:
         while self._idle:

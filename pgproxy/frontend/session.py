@@ -32,7 +32,7 @@ import struct
 import time
 from collections import deque
 
-from pgproxy.errors import (PgProxyError, ProxyFailure, auth_failed, no_user_name, not_authorized,
+from pgproxy.errors import (PgProxyError, ProxyFailure, no_user_name, not_authorized,
                             protocol_violation, too_many_clients, unsupported)
 from pgproxy.frontend.startup import client_settings, identity_sql, text_array
 from pgproxy.protocol import messages as msg
@@ -174,6 +174,17 @@ class ClientSession(asyncio.Protocol):
     def logged_in(self) -> bool:
         return self.state is SessionState.READY
 
+    @property
+    def activity(self) -> str:
+        """The state operators see: startup, authenticating, logging_in, idle, active or closed."""
+        if self.state is SessionState.READY:
+            return "active" if self._units else "idle"
+        return self.state.value
+
+    @property
+    def application_name(self) -> str:
+        return self._settings.get("application_name", "")
+
     # --- errors and exits --------------------------------------------------------------
 
     def end(self, exc: PgProxyError) -> None:
@@ -183,6 +194,8 @@ class ClientSession(asyncio.Protocol):
     def _fail(self, exc: PgProxyError) -> None:
         """The one way an error reaches the client; FATAL (and any error before READY) closes."""
         level = logging.WARNING if isinstance(exc, ProxyFailure) or exc.fatal else logging.INFO
+        if exc.denial:
+            self.server.metrics.count("pgproxy_denials", exc.denial)
         log.log(level, "session error", extra={"session": self.session_id, "user": self.user or "-",
                                                "client": self.peer, "sqlstate": exc.sqlstate,
                                                "reason": exc.log_detail})
@@ -282,8 +295,6 @@ class ClientSession(asyncio.Protocol):
             self._login_task = None
 
     async def _authenticate(self, secret: str) -> None:
-        if not secret:
-            raise auth_failed(self.user, "empty password")
         identity = await self.server.authenticate(self.user, secret)
         role = map_role(identity, self.server.cfg.roles, self.server.cfg.auth.default_role)
         if role is None:
@@ -463,9 +474,10 @@ class ClientSession(asyncio.Protocol):
 
     def _audit(self, st: _Statement, outcome: str, backend=None) -> None:
         backend = backend or self.backend
+        seconds = time.perf_counter() - st.t0
         self.server.audit.statement(self.audit_prefix, st.text, st.params, st.formats, st.tags, st.started,
-                                    time.perf_counter() - st.t0, outcome, st.sqlstate,
-                                    backend.pid if backend else None)
+                                    seconds, outcome, st.sqlstate, backend.pid if backend else None)
+        self.server.metrics.statement(st.text, seconds, outcome)
 
     def _pending_statements(self):
         """Statements sent but not yet answered with ReadyForQuery."""

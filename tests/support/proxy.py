@@ -68,13 +68,36 @@ class ProxyProcess:
         self.config_path.write_text(to_toml(config))
         self.log_path = self.dir / "pgproxy.log"
         self._log = open(self.log_path, "wb")
+        env = dict(os.environ if env is None else env)
+        ready = None
+        if "NOTIFY_SOCKET" not in env:  # else the test listens for READY=1 itself
+            ready = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+            ready.bind(str(self.dir / "notify.sock"))
+            env["NOTIFY_SOCKET"] = str(self.dir / "notify.sock")
         self.process = subprocess.Popen([sys.executable, "-m", "pgproxy", "serve", "-c", str(self.config_path)],
                                         stdout=self._log, stderr=subprocess.STDOUT, env=env)
-        self._wait_listening()
-
-    def _wait_listening(self) -> None:
         try:
-            wait_for_port(self.port, self.process)
+            self._wait_ready(ready)
+        finally:
+            if ready is not None:
+                ready.close()
+
+    def _wait_ready(self, ready: socket.socket | None) -> None:
+        """Until READY=1 (sent once every worker listens), or the port answers if a test
+        listens for READY=1 itself."""
+        try:
+            if ready is None:
+                wait_for_port(self.port, self.process)
+                return
+            ready.settimeout(0.1)
+            deadline = time.monotonic() + 15
+            while time.monotonic() < deadline and self.process.poll() is None:
+                try:
+                    if b"READY=1" in ready.recv(4096):
+                        return
+                except socket.timeout:
+                    pass
+            raise RuntimeError("no READY=1" if self.process.poll() is None else f"exited with {self.process.returncode}")
         except RuntimeError as exc:
             raise RuntimeError(f"pgproxy did not start: {exc}: {self.log()}") from None
 

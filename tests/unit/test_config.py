@@ -109,11 +109,42 @@ def test_the_annotated_example_config_is_valid(monkeypatch):
 
 def test_the_example_config_documents_every_option():
     import dataclasses
+    import typing
     from pgproxy import config
     text = (ROOT / "conf/pgproxy.toml").read_text()
     readme = (ROOT / "README.md").read_text()
-    for section in (config.ServerSection, config.BackendSection, config.JwtSection, config.AuthSection,
-                    config.RoleRule, config.AuditSection, config.LogSection):
+    sections, pending = [], [config.Config]
+    while pending:  # every section reachable from Config, so a new one cannot be forgotten
+        section = pending.pop()
+        sections.append(section)
+        hints = typing.get_type_hints(section)
         for fld in dataclasses.fields(section):
+            inner = [a for a in typing.get_args(hints[fld.name]) if dataclasses.is_dataclass(a)]
+            pending += [h for h in [hints[fld.name], *inner] if dataclasses.is_dataclass(h)]
+    assert config.HttpSection in sections and config.RoleRule in sections
+    for section in sections[1:]:  # Config's own fields are the sections themselves
+        for fld in (f for f in dataclasses.fields(section) if f.metadata):
             assert fld.name in text, f"{section.__name__}.{fld.name} missing from conf/pgproxy.toml"
             assert f"`{fld.name}`" in readme, f"{section.__name__}.{fld.name} missing from README"
+
+
+def test_workers_default_to_the_usable_cpus_and_http_is_validated():
+    import os
+    cfg = parse_config(MINIMAL)
+    assert cfg.server.workers == min(len(os.sched_getaffinity(0)), 64)
+    assert parse_config({**MINIMAL, "server": {"workers": 3}}).server.workers == 3
+    problems = _problems({**MINIMAL, "server": {"workers": -1}, "http": {"listen": "nowhere",
+                          "admin_token_file": "/a", "admin_token_env": "B"}})
+    assert "server.workers: must be 1-64" in problems
+    assert "http.listen: expected host:port (IPv6 as [addr]:port)" in problems
+    assert "http: set admin_token_file or admin_token_env, not both" in problems
+
+
+def test_a_short_admin_token_is_refused(tmp_path, monkeypatch):
+    from pgproxy.config import ConfigError
+    monkeypatch.setenv("ADMIN_TOKEN", "short")
+    cfg = parse_config({**MINIMAL, "http": {"listen": "127.0.0.1:9187", "admin_token_env": "ADMIN_TOKEN"}})
+    with pytest.raises(ConfigError) as info:
+        cfg.resolve_secrets()
+    assert info.value.problems == ["http.admin_token: use at least 16 characters"]
+    assert "short" not in str(info.value)
