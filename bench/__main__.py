@@ -34,6 +34,7 @@ SCENARIOS = {
     "connect_rate": ("5 new authenticated connection per transaction", ["-C", "-S", "-M", "simple", "-c", "4", "-j", "2"]),
     "latency": ("6 single-client latency (added over direct)", ["-S", "-M", "simple", "-c", "1", "-j", "1"]),
     "memory": ("7 memory per idle client", None),  # needs transaction pooling
+    "ldap_connect": ("8 new LDAP-authenticated connections/s (pgproxy only)", None),
 }
 CHART_LABELS = {"select_simple": "1 select, simple", "select_prepared": "2 select, prepared", "tpcb": "3 read/write",
                 "connect_rate": "5 new connections/s", "latency": "6 one client"}
@@ -107,6 +108,10 @@ def main(argv: list[str] | None = None) -> int:
                     result = run_pgbench(target, pgargs, seconds, log_dir if name == "latency" else None)
                     raw.append({"scenario": name, "target": target_name, "round": round_no, **result})
                     print(f"   {target_name:9s} round {round_no}: {result}", file=sys.stderr, flush=True)
+        if "ldap_connect" in chosen:
+            print(f"-- {SCENARIOS['ldap_connect'][0]}", file=sys.stderr, flush=True)
+            from bench.ldap import measure_ldap
+            ldap_rates = measure_ldap(bench, seconds, run_pgbench)
         versions = bench.versions()
     finally:
         bench.stop()
@@ -115,6 +120,8 @@ def main(argv: list[str] | None = None) -> int:
     summary = summarize(raw, chosen)
     if memory:
         summary["memory"] = memory
+    if "ldap_connect" in chosen:
+        summary["ldap_connect"] = ldap_rates
     report = {"started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
               "duration_s": round(time.time() - started, 1), "command": "python -m bench " + " ".join(argv or sys.argv[1:]),
               "settings": {"rounds": rounds, "seconds": seconds, "scale": scale, "pool_size": 20,
@@ -147,8 +154,8 @@ def measure_memory(clients: int) -> dict:
 def summarize(raw: list[dict], chosen: list[str]) -> dict:
     summary = {}
     for name in chosen:
-        if name == "memory":
-            continue  # measured in its own phase
+        if name in ("memory", "ldap_connect"):
+            continue  # measured in their own phases
         if name in NOT_YET:
             summary[name] = {"note": NOT_YET[name]}
             continue
@@ -179,6 +186,10 @@ def table(summary: dict) -> str:
             lines.append(f"{title:42s} {'-':>10s} {entry['pgbouncer']['bytes_per_client']:10d} "
                          f"{entry['pgproxy']['bytes_per_client']:10d} {entry['pgproxy']['bytes_per_client'] / max(1, entry['pgbouncer']['bytes_per_client']):9.2f}"
                          f"  bytes per idle client ({entry['clients']} clients; {entry['note']})")
+            continue
+        if name == "ldap_connect":
+            lines.append(f"{title:42s} {'-':>10s} {'-':>10s} {entry['cache_off']:10.0f}  every login binds "
+                         f"(cache off); {entry['cache_on']:.0f}/s with the 30 s login cache")
             continue
         if "note" in entry:
             lines.append(f"{title:42s} {entry['note']}")

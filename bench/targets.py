@@ -112,19 +112,22 @@ log_disconnections = 0
 
     def _start_pgproxy(self) -> Target:
         self.issuer = DevIssuer().start()
+        self.proxy = ProxyProcess(self.pgproxy_config())
+        token = self.issuer.mint("benchuser", ["bench"], ttl_s=4 * 3600)
+        return Target("pgproxy", self.proxy.port, "benchuser", token)
+
+    def pgproxy_config(self) -> dict:
         password_file = self.dir / "pool-password"
         password_file.write_text(POOL_PASSWORD + "\n")
-        config = {
+        return {
             "backend": {"host": "127.0.0.1", "port": self.cluster.port, "user": POOL_ROLE,
                         "password_file": str(password_file), "pool_size": self.pool_size},
             "auth": {"jwt": {"issuer": self.issuer.url, "audience": "pgproxy"}},
             "roles": [{"group": "bench", "role": BENCH_ROLE}],
             "log": {"level": "warning"},
+            "server": {"workers": 1},  # one process unless the run asks for more (--workers)
             **self.pgproxy_overrides,
         }
-        self.proxy = ProxyProcess(config)
-        token = self.issuer.mint("benchuser", ["bench"], ttl_s=4 * 3600)
-        return Target("pgproxy", self.proxy.port, "benchuser", token)
 
     def pids(self) -> dict[str, int]:
         return {"pgbouncer": self.bouncer.pid, "pgproxy": self.proxy.process.pid}

@@ -1,4 +1,4 @@
-"""Command line: serve, check-config, demo, dev-token, admin."""
+"""Command line: serve, check-config, demo, dev-token, admin, hash-secret."""
 
 from __future__ import annotations
 
@@ -45,9 +45,10 @@ def main(argv: list[str] | None = None) -> int:
     admin.add_argument("--block", type=float, default=0.0, metavar="SECONDS",
                        help="terminate: also refuse the user's logins this long")
     admin.add_argument("--json", action="store_true", help="print the API's JSON answer")
+    sub.add_parser("hash-secret", help="hash a service account secret (read from stdin) for the accounts file")
     args = parser.parse_args(argv)
     return {"serve": cmd_serve, "check-config": cmd_check_config, "demo": cmd_demo,
-            "dev-token": cmd_dev_token, "admin": cmd_admin}[args.command](args)
+            "dev-token": cmd_dev_token, "admin": cmd_admin, "hash-secret": cmd_hash_secret}[args.command](args)
 
 
 def cmd_check_config(args) -> int:
@@ -154,6 +155,24 @@ def cmd_dev_token(args) -> int:
     except OSError as exc:
         print(f"cannot reach the dev issuer at {issuer}: {exc}", file=sys.stderr)
         return 1
+    return 0
+
+
+def cmd_hash_secret(_args) -> int:
+    """The secret comes from stdin (a prompt on a terminal), never from the command line."""
+    from pgproxy.auth.service import hash_secret
+    if sys.stdin.isatty():
+        import getpass
+        secret = getpass.getpass("secret: ")
+        if getpass.getpass("again: ") != secret:
+            print("error: the two entries differ", file=sys.stderr)
+            return 1
+    else:
+        secret = sys.stdin.readline().rstrip("\n")
+    if len(secret) < 16:
+        print("error: use a secret of at least 16 characters (e.g. `openssl rand -base64 24`)", file=sys.stderr)
+        return 1
+    print(hash_secret(secret))
     return 0
 
 

@@ -89,11 +89,46 @@ class JwtSection:
     http_timeout_s: float = option(5.0, "seconds for one discovery or JWKS request")
     jwks_refresh_min_interval_s: float = option(30.0, "an unknown 'kid' refetches the keys at most this often")
     token_cache_size: int = option(10_000, "validated tokens remembered until shortly before they expire")
+    databases: list[str] = option([], "databases whose clients may log in with a JWT; empty: all")
+
+
+@dataclass
+class LdapSection:
+    urls: list[str] = option(REQUIRED, "ldap:// or ldaps:// servers, tried in this order")
+    start_tls: bool = option(False, "upgrade ldap:// connections with StartTLS")
+    ca_file: str = option("", "CA bundle for ldaps:// and StartTLS; empty uses the system store")
+    timeout_s: float = option(5.0, "seconds to connect to one server, and for one operation")
+    user_dn_template: str = option("", "simple-bind mode: the user's DN, e.g. uid={username},ou=people,dc=example,dc=org")
+    bind_dn: str = option("", "search-then-bind mode: the service account that searches for users")
+    bind_password_file: str = option("", "file holding bind_dn's password")
+    bind_password_env: str = option("", "environment variable holding bind_dn's password")
+    search_base: str = option("", "search-then-bind mode: where users are searched")
+    search_filter: str = option("(&(objectClass=inetOrgPerson)(uid={username}))",
+                                "search-then-bind mode: finds exactly one user ({username} is escaped)")
+    groups: str = option("memberof", "how groups are found: memberof (the user's memberOf attribute) or search")
+    group_search_base: str = option("", "groups = search: where groups are searched")
+    group_filter: str = option("(|(member={dn})(uniqueMember={dn})(memberUid={username}))",
+                               "groups = search: groups of the user ({dn}, {username} are escaped)")
+    nested_groups: bool = option(False, "groups = search: also the groups that contain those groups (depth 8)")
+    group_name: str = option("cn", "a group's name for [[roles]]: cn or dn")
+    deny_filter: str = option("", "users matching this filter are refused, e.g. (employeeType=contractor)")
+    cache_ttl_s: float = option(30.0, "a successful login is reused this long (at most 60 s)")
+    failure_cache_s: float = option(2.0, "a failed login is remembered this long (at most 10 s)")
+    max_concurrency: int = option(16, "directory operations at once (threads)")
+    databases: list[str] = option([], "databases whose clients may log in with a directory password; empty: all")
+
+
+@dataclass
+class ServiceAccountsSection:
+    file: str = option(REQUIRED, "TOML file of [[account]] name, role, secret_hash (pgproxy hash-secret)")
+    databases: list[str] = option([], "databases service accounts may use; empty: all")
 
 
 @dataclass
 class AuthSection:
     jwt: JwtSection | None = option(None, "OIDC/OAuth2 JWTs as passwords")
+    ldap: LdapSection | None = option(None, "LDAP or Active Directory passwords, checked live")
+    service_accounts: ServiceAccountsSection | None = option(None, "static secrets for batch jobs")
     default_role: str = option("", "role for identities no [[roles]] rule matches; empty refuses them")
 
 
@@ -143,6 +178,8 @@ class Config:
     backend_password: str | None = field(default=None, repr=False, compare=False)
     jwt_shared_secret: bytes | None = field(default=None, repr=False, compare=False)
     admin_token: str | None = field(default=None, repr=False, compare=False)
+    ldap_bind_password: str | None = field(default=None, repr=False, compare=False)
+    service_accounts: dict | None = field(default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         self.server = self.server or ServerSection()
@@ -158,6 +195,14 @@ class Config:
         if jwt and (jwt.shared_secret_file or jwt.shared_secret_env):
             secret = _read_secret(jwt.shared_secret_file, jwt.shared_secret_env, "auth.jwt.shared_secret", problems)
             self.jwt_shared_secret = secret.encode() if secret else None
+        ldap = self.auth.ldap
+        if ldap and (ldap.bind_password_file or ldap.bind_password_env):
+            self.ldap_bind_password = _read_secret(ldap.bind_password_file, ldap.bind_password_env,
+                                                   "auth.ldap.bind_password", problems)
+        if self.auth.service_accounts is not None:
+            from pgproxy.auth.service import load_accounts
+            self.service_accounts, found = load_accounts(self.auth.service_accounts.file)
+            problems += [f"auth.service_accounts.file: {p}" for p in found]
         self.admin_token = _read_secret(self.http.admin_token_file, self.http.admin_token_env,
                                         "http.admin_token", problems)
         if self.admin_token is not None and len(self.admin_token) < 16:
@@ -277,10 +322,13 @@ def _check_rules(cfg: Config, problems: list[str]) -> None:
     if cfg.backend.password_file and cfg.backend.password_env:
         problems.append("backend: set password_file or password_env, not both")
     jwt = cfg.auth.jwt
-    if jwt is None:
-        problems.append("auth: configure at least one authenticator ([auth.jwt])")
-    else:
+    if jwt is None and cfg.auth.ldap is None and cfg.auth.service_accounts is None:
+        problems.append("auth: configure at least one authenticator ([auth.jwt], [auth.ldap], "
+                        "[auth.service_accounts])")
+    if jwt is not None:
         _check_jwt(jwt, problems)
+    if cfg.auth.ldap is not None:
+        _check_ldap(cfg.auth.ldap, problems)
     for i, rule in enumerate(cfg.roles):
         chosen = [k for k in ("group", "user") if getattr(rule, k)] + (["any"] if rule.any else [])
         if len(chosen) != 1:
@@ -319,6 +367,48 @@ def _check_jwt(jwt: JwtSection, problems: list[str]) -> None:
         problems.append("auth.jwt.leeway_s: must be between 0 and 300")
     if jwt.token_cache_size < 0:
         problems.append("auth.jwt.token_cache_size: must not be negative")
+
+
+def _check_ldap(ldap: LdapSection, problems: list[str]) -> None:
+    where = "auth.ldap"
+    if not ldap.urls:
+        problems.append(f"{where}.urls: list at least one server")
+    for i, url in enumerate(ldap.urls):
+        if not url.startswith(("ldap://", "ldaps://")):
+            problems.append(f"{where}.urls[{i}]: must start with ldap:// or ldaps://")
+        elif url.startswith("ldaps://") and ldap.start_tls:
+            problems.append(f"{where}.urls[{i}]: ldaps:// is TLS already; start_tls is for ldap://")
+    search_mode = bool(ldap.search_base or ldap.bind_dn)
+    if bool(ldap.user_dn_template) == search_mode:
+        problems.append(f"{where}: set user_dn_template (simple bind) or search_base and bind_dn (search then "
+                        "bind), not both")
+    if ldap.user_dn_template and "{username}" not in ldap.user_dn_template:
+        problems.append(f"{where}.user_dn_template: must contain {{username}}")
+    if search_mode:
+        if not (ldap.search_base and ldap.bind_dn):
+            problems.append(f"{where}: search-then-bind needs both search_base and bind_dn")
+        if not (ldap.bind_password_file or ldap.bind_password_env):
+            problems.append(f"{where}: bind_dn needs bind_password_file or bind_password_env")
+        if "{username}" not in ldap.search_filter:
+            problems.append(f"{where}.search_filter: must contain {{username}}")
+    if ldap.bind_password_file and ldap.bind_password_env:
+        problems.append(f"{where}: set bind_password_file or bind_password_env, not both")
+    if ldap.groups not in ("memberof", "search"):
+        problems.append(f"{where}.groups: must be memberof or search")
+    if ldap.groups == "search" and not ldap.group_search_base:
+        problems.append(f"{where}.group_search_base: required when groups = search")
+    if ldap.group_name not in ("cn", "dn"):
+        problems.append(f"{where}.group_name: must be cn or dn")
+    for key, text in (("search_filter", ldap.search_filter), ("group_filter", ldap.group_filter),
+                      ("deny_filter", ldap.deny_filter)):
+        if text and not (text.startswith("(") and text.endswith(")") and text.count("(") == text.count(")")):
+            problems.append(f"{where}.{key}: not an LDAP filter in parentheses")
+    if not 0 <= ldap.cache_ttl_s <= 60:
+        problems.append(f"{where}.cache_ttl_s: must be between 0 and 60")
+    if not 0 <= ldap.failure_cache_s <= 10:
+        problems.append(f"{where}.failure_cache_s: must be between 0 and 10")
+    if ldap.timeout_s <= 0 or ldap.max_concurrency <= 0:
+        problems.append(f"{where}: timeout_s and max_concurrency must be greater than zero")
 
 
 def _check_role_template(template: str, path: str, problems: list[str]) -> None:

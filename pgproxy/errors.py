@@ -64,9 +64,15 @@ def blocked_by_operator(user: str) -> ClientError:
                        log_detail="blocked by an operator (admin API)", denial="blocked")
 
 
-def auth_unavailable(reason: str) -> ProxyFailure:
-    return ProxyFailure("authentication service unavailable", sqlstate="08006",
-                        severity="FATAL", log_detail=reason)
+class AuthUnavailable(ProxyFailure):
+    """The IdP or the directory could not be asked: the answer is no (fail closed)."""
+
+
+def auth_unavailable(reason: str) -> AuthUnavailable:
+    # 28000 as PostgreSQL answers when its own LDAP server is unreachable: an
+    # authentication refusal, which drivers do not retry like a lost connection (08006).
+    return AuthUnavailable("authentication service unavailable", sqlstate="28000",
+                           severity="FATAL", log_detail=reason)
 
 
 def forbidden_parameter(name: str) -> ClientError:

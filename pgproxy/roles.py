@@ -10,6 +10,8 @@ from pgproxy.config import RoleRule
 
 
 def map_role(identity: Identity, rules: list[RoleRule], default_role: str) -> str | None:
+    if identity.role:  # service accounts name their role themselves
+        return identity.role
     groups = set(identity.groups)
     for rule in rules:
         if rule.any or (rule.user and rule.user == identity.username) or (rule.group and rule.group in groups):

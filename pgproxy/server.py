@@ -30,7 +30,7 @@ from pgproxy.auth.jwt import JwtAuthenticator, looks_like_jwt
 from pgproxy.backend.connection import open_connection, send_cancel
 from pgproxy.backend.pool import Pool
 from pgproxy.config import HMAC_ALGORITHMS, Config, parse_listen, restart_only_changes
-from pgproxy.errors import PgProxyError, auth_failed, blocked_by_operator, shutting_down, terminated_by_operator
+from pgproxy.errors import AuthUnavailable, PgProxyError, auth_failed, blocked_by_operator, shutting_down, terminated_by_operator
 from pgproxy.frontend.session import ClientSession
 from pgproxy.metrics import Metrics
 from pgproxy.notify import sd_notify
@@ -52,7 +52,9 @@ class ProxyServer:
         self.group = group  # the supervisor's pid; 0 when this is the only process
         self._cancel_inbox: socket.socket | None = None
         self.audit = AuditLog(cfg.audit)
-        self.jwt = JwtAuthenticator(cfg.auth.jwt, cfg.jwt_shared_secret) if cfg.auth.jwt else None
+        self.metrics = Metrics()
+        self.jwt = self.ldap = self.service_accounts = None
+        self._set_authenticators(cfg)
         self._pools: dict[str, Pool] = {}
         self._sessions: set[ClientSession] = set()
         self._cancel_keys: dict[int, ClientSession] = {}
@@ -60,7 +62,6 @@ class ProxyServer:
         self._janitor: asyncio.Task | None = None
         self._services: list[asyncio.AbstractServer] = []  # control channel and HTTP port
         self.addresses: list[tuple[str, int]] = []
-        self.metrics = Metrics()
         self._blocked: dict[str, float] = {}  # user -> monotonic time until which logins are refused
         self._backend_ok_at = float("-inf")
 
@@ -77,18 +78,52 @@ class ProxyServer:
         if session.cancel_key is not None:
             self._cancel_keys.pop(session.cancel_key[0], None)
 
-    async def authenticate(self, user: str, secret: str):
-        method = "jwt" if self.jwt is not None and looks_like_jwt(secret) else "none"
+    def _set_authenticators(self, cfg: Config, old: Config | None = None) -> None:
+        """(Re)build the authenticators whose configuration changed."""
+        if old is None or cfg.auth.jwt != old.auth.jwt or cfg.jwt_shared_secret != old.jwt_shared_secret:
+            self.jwt = JwtAuthenticator(cfg.auth.jwt, cfg.jwt_shared_secret) if cfg.auth.jwt else None
+        if old is None or cfg.auth.ldap != old.auth.ldap or cfg.ldap_bind_password != old.ldap_bind_password:
+            if self.ldap is not None:
+                self.ldap.close()
+            from pgproxy.auth.ldap import LdapAuthenticator
+            self.ldap = LdapAuthenticator(cfg.auth.ldap, cfg.ldap_bind_password, self.metrics) \
+                if cfg.auth.ldap else None
+        from pgproxy.auth.service import ServiceAccounts
+        self.service_accounts = ServiceAccounts(cfg.service_accounts) if cfg.service_accounts is not None else None
+
+    def authenticator_for(self, user: str, secret: str, database: str):
+        """Who checks this credential: a known service account name first, then the
+        credential's shape (JWT-shaped: the IdP; anything else: the directory), each
+        only for the databases it serves (documented in the README)."""
+        auth = self.cfg.auth
+
+        def serves(section) -> bool:
+            return section is not None and (not section.databases or database in section.databases)
+
+        if self.service_accounts is not None and serves(auth.service_accounts) and self.service_accounts.knows(user):
+            return self.service_accounts
+        if self.jwt is not None and serves(auth.jwt) and looks_like_jwt(secret):
+            return self.jwt
+        if self.ldap is not None and serves(auth.ldap):
+            return self.ldap
+        if self.jwt is not None and serves(auth.jwt):
+            return self.jwt  # which refuses it: not a JWT
+        return None
+
+    async def authenticate(self, user: str, secret: str, database: str = ""):
+        authenticator = self.authenticator_for(user, secret, database)
+        method = authenticator.method if authenticator is not None else "none"
         try:
             if not secret:
                 raise auth_failed(user, "empty password")
-            if method == "none":
-                raise auth_failed(user, "password is not a JWT and no other authenticator is configured")
-            identity = await self.jwt.authenticate(user, secret)
+            if authenticator is None:
+                raise auth_failed(user, f'no authenticator serves database "{database}" for this credential')
+            identity = await authenticator.authenticate(user, secret)
             if self.is_blocked(user) or self.is_blocked(identity.username):
                 raise blocked_by_operator(user)
         except PgProxyError as exc:
-            result = {"28P01": "failed", "28000": "refused"}.get(exc.sqlstate, "unavailable")
+            result = "unavailable" if isinstance(exc, AuthUnavailable) else \
+                {"28P01": "failed", "28000": "refused"}.get(exc.sqlstate, "unavailable")
             self.metrics.count("pgproxy_auth_attempts", method, result)
             raise
         self.metrics.count("pgproxy_auth_attempts", method, "ok")
@@ -168,8 +203,7 @@ class ProxyServer:
         blocked = restart_only_changes(self.cfg, new)
         if blocked:
             return blocked
-        if new.auth.jwt != self.cfg.auth.jwt or new.jwt_shared_secret != self.cfg.jwt_shared_secret:
-            self.jwt = JwtAuthenticator(new.auth.jwt, new.jwt_shared_secret) if new.auth.jwt else None
+        self._set_authenticators(new, self.cfg)
         if new.backend != self.cfg.backend or new.backend_password != self.cfg.backend_password:
             for pool in self._pools.values():
                 pool.retire()  # idle connections close now, busy ones when returned
@@ -336,6 +370,8 @@ class ProxyServer:
             self._cancel_inbox.close()
         for pool in self._pools.values():
             await pool.close()
+        if self.ldap is not None:
+            self.ldap.close()
         self.audit.close()
         log.info("stopped")
 

@@ -295,7 +295,8 @@ class ClientSession(asyncio.Protocol):
             self._login_task = None
 
     async def _authenticate(self, secret: str) -> None:
-        identity = await self.server.authenticate(self.user, secret)
+        identity = await self.server.authenticate(self.user, secret, self.database)
+        self.user = identity.username  # svc:<name> for a service account
         role = map_role(identity, self.server.cfg.roles, self.server.cfg.auth.default_role)
         if role is None:
             raise not_authorized(self.user, f"no [[roles]] rule matches (groups: {', '.join(identity.groups) or '-'})")

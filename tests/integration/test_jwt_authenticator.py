@@ -71,7 +71,7 @@ def test_unreachable_idp_fails_closed():
     auth = _authenticator(url, http_timeout_s=1)
     with pytest.raises(PgProxyError) as info:
         asyncio.run(auth.authenticate("alice", token))
-    assert info.value.sqlstate == "08006" and info.value.fatal
+    assert info.value.sqlstate == "28000" and info.value.fatal
     assert info.value.message == "authentication service unavailable"
     assert token not in info.value.log_detail
 
