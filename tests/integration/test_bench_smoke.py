@@ -11,7 +11,8 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_bench_smoke_runs_all_three_targets_and_writes_its_report(tmp_path):
-    result = subprocess.run([sys.executable, "-m", "bench", "--smoke", "--out", str(tmp_path)], cwd=ROOT,
+    result = subprocess.run([sys.executable, "-m", "bench", "--smoke", "--only", "select_simple,latency,ldap_connect",
+                             "--out", str(tmp_path)], cwd=ROOT,
                             capture_output=True, text=True, timeout=240)
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads((tmp_path / "latest.json").read_text())
@@ -22,3 +23,6 @@ def test_bench_smoke_runs_all_three_targets_and_writes_its_report(tmp_path):
     assert report["machine"]["cpus"] >= 1 and "PgBouncer" in report["versions"]["pgbouncer"]
     assert "1 select-only, simple protocol" in result.stdout and "÷bouncer" in result.stdout
     assert (tmp_path / "latest.png").stat().st_size > 1000
+    ldap = report["summary"]["ldap_connect"]  # directory logins per second, cache off and on
+    assert ldap["cache_off"] > 0 and ldap["cache_on"] > 0
+    assert "8 new LDAP-authenticated connections/s" in result.stdout
