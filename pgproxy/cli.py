@@ -52,23 +52,26 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def cmd_check_config(args) -> int:
-    try:
-        load_config(args.config)
-    except ConfigError as exc:
-        for problem in exc.problems:
-            print(f"error: {problem}", file=sys.stderr)
+    if _load_or_report(args.config) is None:
         return 1
     print(f"{args.config}: ok")
     return 0
 
 
-def cmd_serve(args) -> int:
-    from pgproxy.logs import setup_logging
+def _load_or_report(path: str):
+    """The loaded configuration, or None after printing every problem to stderr."""
     try:
-        cfg = load_config(args.config)
+        return load_config(path)
     except ConfigError as exc:
         for problem in exc.problems:
             print(f"error: {problem}", file=sys.stderr)
+        return None
+
+
+def cmd_serve(args) -> int:
+    from pgproxy.logs import setup_logging
+    cfg = _load_or_report(args.config)
+    if cfg is None:
         return 1
     setup_logging(cfg.log.level, cfg.log.format)
     if cfg.server.workers > 1:
@@ -178,11 +181,8 @@ def cmd_hash_secret(_args) -> int:
 
 def cmd_admin(args) -> int:
     from pgproxy.config import parse_listen
-    try:
-        cfg = load_config(args.config)
-    except ConfigError as exc:
-        for problem in exc.problems:
-            print(f"error: {problem}", file=sys.stderr)
+    cfg = _load_or_report(args.config)
+    if cfg is None:
         return 1
     if not cfg.http.listen or not cfg.admin_token:
         print("error: the admin API needs http.listen and http.admin_token_file (or _env)", file=sys.stderr)
