@@ -317,10 +317,8 @@ def _check_rules(cfg: Config, problems: list[str]) -> None:
             parse_listen(cfg.http.listen)
         except ValueError as exc:
             problems.append(f"http.listen: {exc}")
-    if cfg.http.admin_token_file and cfg.http.admin_token_env:
-        problems.append("http: set admin_token_file or admin_token_env, not both")
-    if cfg.backend.password_file and cfg.backend.password_env:
-        problems.append("backend: set password_file or password_env, not both")
+    _one_secret_source("http", "admin_token", cfg.http.admin_token_file, cfg.http.admin_token_env, problems)
+    _one_secret_source("backend", "password", cfg.backend.password_file, cfg.backend.password_env, problems)
     jwt = cfg.auth.jwt
     if jwt is None and cfg.auth.ldap is None and cfg.auth.service_accounts is None:
         problems.append("auth: configure at least one authenticator ([auth.jwt], [auth.ldap], "
@@ -357,8 +355,7 @@ def _check_jwt(jwt: JwtSection, problems: list[str]) -> None:
         problems.append("auth.jwt.algorithms: HS* algorithms need shared_secret_file or shared_secret_env")
     if has_secret and not hmac_listed:
         problems.append("auth.jwt: a shared secret is set but no HS* algorithm is listed")
-    if jwt.shared_secret_file and jwt.shared_secret_env:
-        problems.append("auth.jwt: set shared_secret_file or shared_secret_env, not both")
+    _one_secret_source("auth.jwt", "shared_secret", jwt.shared_secret_file, jwt.shared_secret_env, problems)
     for key in ("issuer", "jwks_url"):
         url = getattr(jwt, key)
         if url and not url.startswith(("https://", "http://")):
@@ -391,8 +388,7 @@ def _check_ldap(ldap: LdapSection, problems: list[str]) -> None:
             problems.append(f"{where}: bind_dn needs bind_password_file or bind_password_env")
         if "{username}" not in ldap.search_filter:
             problems.append(f"{where}.search_filter: must contain {{username}}")
-    if ldap.bind_password_file and ldap.bind_password_env:
-        problems.append(f"{where}: set bind_password_file or bind_password_env, not both")
+    _one_secret_source(where, "bind_password", ldap.bind_password_file, ldap.bind_password_env, problems)
     if ldap.groups not in ("memberof", "search"):
         problems.append(f"{where}.groups: must be memberof or search")
     if ldap.groups == "search" and not ldap.group_search_base:
@@ -409,6 +405,11 @@ def _check_ldap(ldap: LdapSection, problems: list[str]) -> None:
         problems.append(f"{where}.failure_cache_s: must be between 0 and 10")
     if ldap.timeout_s <= 0 or ldap.max_concurrency <= 0:
         problems.append(f"{where}: timeout_s and max_concurrency must be greater than zero")
+
+
+def _one_secret_source(where: str, name: str, path: str, env: str, problems: list[str]) -> None:
+    if path and env:
+        problems.append(f"{where}: set {name}_file or {name}_env, not both")
 
 
 def _check_role_template(template: str, path: str, problems: list[str]) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from dataclasses import dataclass
 
 
@@ -14,3 +15,11 @@ class Identity:
     auth_method: str         # "jwt", "ldap" or "service"
     expires_at: float | None = None
     role: str = ""           # a service account's own role; others are mapped by [[roles]]
+
+
+def remember(cache: OrderedDict, key, value, limit: int) -> None:
+    """Put ``key`` in a bounded cache of authentication results, dropping the oldest."""
+    cache[key] = value
+    cache.move_to_end(key)
+    while len(cache) > limit:
+        cache.popitem(last=False)

@@ -26,7 +26,7 @@ from collections import OrderedDict
 
 import jwt as pyjwt
 
-from pgproxy.auth import Identity
+from pgproxy.auth import Identity, remember
 from pgproxy.config import HMAC_ALGORITHMS, JwtSection
 from pgproxy.errors import PgProxyError, auth_failed, auth_unavailable
 
@@ -187,9 +187,7 @@ class JwtAuthenticator:
         except pyjwt.PyJWTError as exc:
             raise auth_failed("", f"token rejected: {type(exc).__name__}: {exc}") from None
         if cfg.token_cache_size:
-            self._cache[digest] = (float(claims["exp"]) - CACHE_MARGIN_S, claims)
-            while len(self._cache) > cfg.token_cache_size:
-                self._cache.popitem(last=False)
+            remember(self._cache, digest, (float(claims["exp"]) - CACHE_MARGIN_S, claims), cfg.token_cache_size)
         return claims
 
     def _identity(self, user: str, claims: dict) -> Identity:

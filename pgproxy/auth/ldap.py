@@ -37,7 +37,7 @@ from ldap3.core.exceptions import LDAPException, LDAPSocketOpenError, LDAPStartT
 from ldap3.utils.conv import escape_filter_chars
 from ldap3.utils.dn import escape_rdn, parse_dn
 
-from pgproxy.auth import Identity
+from pgproxy.auth import Identity, remember
 from pgproxy.config import LdapSection
 from pgproxy.errors import AuthUnavailable, PgProxyError, auth_failed, auth_unavailable, not_authorized
 
@@ -96,7 +96,7 @@ class LdapAuthenticator:
         except PgProxyError as exc:
             result = "unavailable" if isinstance(exc, AuthUnavailable) else "refused"
             if result == "refused":  # an outage is not the user's failure
-                _remember(self._failed, key, time.monotonic() + self._cfg.failure_cache_s)
+                remember(self._failed, key, time.monotonic() + self._cfg.failure_cache_s, CACHE_SIZE)
             if exc.sqlstate == "28P01":
                 raise auth_failed(user, exc.log_detail) from None
             raise
@@ -104,7 +104,7 @@ class LdapAuthenticator:
             if self._metrics is not None:
                 self._metrics.observe("pgproxy_directory_request_seconds", time.perf_counter() - started, result)
         if self._cfg.cache_ttl_s > 0:
-            _remember(self._ok, key, (time.monotonic() + self._cfg.cache_ttl_s, identity))
+            remember(self._ok, key, (time.monotonic() + self._cfg.cache_ttl_s, identity), CACHE_SIZE)
         return identity
 
     # --- in a worker thread --------------------------------------------------------
@@ -263,13 +263,6 @@ def _group_name(dn: str, style: str) -> str:
         return parse_dn(dn)[0][1]
     except (LDAPException, IndexError, ValueError):
         return dn
-
-
-def _remember(cache: OrderedDict, key: bytes, value) -> None:
-    cache[key] = value
-    cache.move_to_end(key)
-    while len(cache) > CACHE_SIZE:
-        cache.popitem(last=False)
 
 
 def _unbind(conn: ldap3.Connection) -> None:

@@ -25,7 +25,7 @@ import tomllib
 from collections import OrderedDict
 from dataclasses import dataclass
 
-from pgproxy.auth import Identity
+from pgproxy.auth import Identity, remember
 from pgproxy.errors import auth_failed
 
 SCRYPT_N, SCRYPT_R, SCRYPT_P = 2**14, 8, 1
@@ -106,9 +106,7 @@ class ServiceAccounts:
         if self._verified.get(key, 0) < time.monotonic():
             if not await asyncio.get_running_loop().run_in_executor(None, secret_matches, secret, account.secret_hash):
                 raise auth_failed(user, "wrong service account secret")
-            self._verified[key] = time.monotonic() + VERIFIED_TTL_S
-            while len(self._verified) > 10_000:
-                self._verified.popitem(last=False)
+            remember(self._verified, key, time.monotonic() + VERIFIED_TTL_S, 10_000)
         return Identity(username=f"svc:{user}", subject=user, issuer="service-accounts", groups=(),
                         auth_method=self.method, role=account.role)
 
