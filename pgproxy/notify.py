@@ -17,7 +17,9 @@ def sd_notify(*fields: str) -> bool:
         address = "\0" + address[1:]
     try:
         with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
-            sock.sendto("\n".join(fields).encode(), address)
-    except OSError:  # systemd gone or the socket closed: a notification must never stop the proxy
+            # MSG_DONTWAIT: a receiver that stopped reading fills its queue (10 datagrams on
+            # Linux), and a blocking send would then freeze the supervisor's loop.
+            sock.sendto("\n".join(fields).encode(), socket.MSG_DONTWAIT, address)
+    except OSError:  # systemd gone, the socket closed or full: a notification must never stop the proxy
         return False
     return True
