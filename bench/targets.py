@@ -5,6 +5,10 @@
 * pgproxy   — its real production path: a JWT from a local issuer as the password,
               role switch, identity settings, audit to a file.
 
+Each pooler also has a transaction-pooling target: ``pgbouncer_tx`` (database bench_tx,
+pool_mode=transaction) and ``pgproxy_tx`` (an identity whose role is transaction-pooled
+through ``role_pool_modes``).
+
 Every target gets the same pool size and the same backend.
 """
 
@@ -24,6 +28,7 @@ from tests.support.proxy import ProxyProcess, wait_for_port
 BENCH_LOGIN, BENCH_PASSWORD = "bench_login", "bench-password"
 POOL_ROLE, POOL_PASSWORD = "pgproxy_pool", "pool-password"
 BENCH_ROLE = "bench_role"
+BENCH_TX_ROLE = "bench_tx_role"
 POOL_SIZE = 20
 
 SETUP_SQL = f"""
@@ -31,6 +36,8 @@ CREATE ROLE {BENCH_LOGIN} LOGIN PASSWORD '{BENCH_PASSWORD}';
 CREATE ROLE {POOL_ROLE} LOGIN NOINHERIT PASSWORD '{POOL_PASSWORD}';
 CREATE ROLE {BENCH_ROLE} NOLOGIN;
 GRANT {BENCH_ROLE} TO {POOL_ROLE};
+CREATE ROLE {BENCH_TX_ROLE} NOLOGIN;
+GRANT {BENCH_TX_ROLE} TO {POOL_ROLE};
 CREATE DATABASE bench OWNER {BENCH_LOGIN};
 """
 
@@ -42,12 +49,13 @@ class Target:
     user: str
     password: str
     extra_env: dict = field(default_factory=dict)
+    database: str = "bench"
 
     def env(self) -> dict:
         return {**os.environ, "PGPASSWORD": self.password, "PGSSLMODE": "disable", **self.extra_env}
 
     def pgbench_args(self) -> list[str]:
-        return ["-h", "127.0.0.1", "-p", str(self.port), "-U", self.user, "bench"]
+        return ["-h", "127.0.0.1", "-p", str(self.port), "-U", self.user, self.database]
 
 
 class Bench:
@@ -66,17 +74,21 @@ class Bench:
         self.targets: dict[str, Target] = {}
 
     def start(self) -> "Bench":
-        self.cluster = PgCluster(settings={"max_connections": str(max(400, 2 * self.pool_size + 50)),
+        self.cluster = PgCluster(settings={"max_connections": str(max(700, 2 * self.pool_size + 50)),
                                            "shared_buffers": "'256MB'"}).start()
         self.cluster.psql(SETUP_SQL)
         direct = Target("direct", self.cluster.port, BENCH_LOGIN, BENCH_PASSWORD)
         subprocess.run([pgbench(), "-i", "-q", "-s", str(self.scale), *direct.pgbench_args()],
                        env=direct.env(), check=True, capture_output=True)
-        self.cluster.psql(f"GRANT SELECT, INSERT, UPDATE ON ALL TABLES IN SCHEMA public TO {BENCH_ROLE};",
-                          database="bench")
+        self.cluster.psql(f"GRANT SELECT, INSERT, UPDATE ON ALL TABLES IN SCHEMA public TO {BENCH_ROLE}, "
+                          f"{BENCH_TX_ROLE};", database="bench")
         self.targets["direct"] = direct
         self.targets["pgbouncer"] = self._start_pgbouncer()
+        self.targets["pgbouncer_tx"] = Target("pgbouncer_tx", self.targets["pgbouncer"].port, BENCH_LOGIN,
+                                              BENCH_PASSWORD, database="bench_tx")
         self.targets["pgproxy"] = self._start_pgproxy()
+        token = self.issuer.mint("benchtx", ["bench_tx"], ttl_s=4 * 3600)
+        self.targets["pgproxy_tx"] = Target("pgproxy_tx", self.proxy.port, "benchtx", token)
         return self
 
     def _start_pgbouncer(self) -> Target:
@@ -85,6 +97,7 @@ class Bench:
         (self.dir / "userlist.txt").write_text(f'"{BENCH_LOGIN}" "{secret}"\n')
         (self.dir / "pgbouncer.ini").write_text(f"""[databases]
 bench = host=127.0.0.1 port={self.cluster.port} dbname=bench
+bench_tx = host=127.0.0.1 port={self.cluster.port} dbname=bench pool_mode=transaction
 
 [pgbouncer]
 listen_addr = 127.0.0.1
@@ -121,9 +134,10 @@ log_disconnections = 0
         password_file.write_text(POOL_PASSWORD + "\n")
         return {
             "backend": {"host": "127.0.0.1", "port": self.cluster.port, "user": POOL_ROLE,
-                        "password_file": str(password_file), "pool_size": self.pool_size},
+                        "password_file": str(password_file), "pool_size": self.pool_size,
+                        "role_pool_modes": {BENCH_TX_ROLE: "transaction"}},
             "auth": {"jwt": {"issuer": self.issuer.url, "audience": "pgproxy"}},
-            "roles": [{"group": "bench", "role": BENCH_ROLE}],
+            "roles": [{"group": "bench", "role": BENCH_ROLE}, {"group": "bench_tx", "role": BENCH_TX_ROLE}],
             "log": {"level": "warning"},
             "server": {"workers": 1},  # one process unless the run asks for more (--workers)
             **self.pgproxy_overrides,

@@ -25,8 +25,8 @@ def option(default, doc: str, *, reloadable: bool = True):
     meta = {"doc": doc, "reloadable": reloadable}
     if default is REQUIRED:
         return field(metadata=meta)
-    if isinstance(default, list):
-        return field(default_factory=lambda: list(default), metadata=meta)
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata=meta)
     return field(default=default, metadata=meta)
 
 
@@ -71,6 +71,15 @@ class BackendSection:
     idle_timeout_s: float = option(600.0, "idle backend connections older than this are closed")
     lifetime_s: float = option(3600.0, "backend connections are closed after this many seconds of life")
     health_check_after_s: float = option(30.0, "an idle connection older than this is checked before reuse")
+    pool_mode: str = option("session", "session: a client keeps one backend connection; transaction: one per "
+                                       "transaction")
+    database_pool_modes: dict[str, str] = option({}, "pool_mode per database, e.g. { analytics = \"transaction\" }")
+    role_pool_modes: dict[str, str] = option({}, "pool_mode per mapped role; wins over the database's")
+    session_state: str = option("pin", "transaction pooling, a statement whose effect outlives the transaction "
+                                       "(SET, LISTEN, temp table, ...): pin the client to its connection, or refuse")
+    prepared_statements: int = option(100, "transaction pooling: prepared statements kept per backend connection (LRU)")
+    idle_in_transaction_timeout_s: float = option(0.0, "transaction pooling: end a client idle this long inside a "
+                                                       "transaction (25P03); 0 = never")
 
 
 @dataclass
@@ -259,6 +268,13 @@ def _convert(hint, value, path: str, problems: list[str]):
     if origin in (typing.Union, getattr(__import__("types"), "UnionType")):
         inner = [a for a in typing.get_args(hint) if a is not type(None)][0]
         return _convert(inner, value, path, problems)
+    if origin is dict:
+        _, item = typing.get_args(hint)
+        if not isinstance(value, dict):
+            problems.append(f"{path}: expected a table")
+            return None
+        items = {k: _convert(item, v, f"{path}.{k}", problems) for k, v in value.items()}
+        return items if all(i is not None for i in items.values()) else None
     if origin is list:
         (item,) = typing.get_args(hint)
         if not isinstance(value, list):
@@ -310,6 +326,18 @@ def _check_rules(cfg: Config, problems: list[str]) -> None:
         problems.append("server.workers: must be 1-64")
     if cfg.server.max_message_size > 1 << 30:
         problems.append("server.max_message_size: at most 1 GiB (PostgreSQL's own limit)")
+    modes = {"backend.pool_mode": cfg.backend.pool_mode,
+             **{f"backend.database_pool_modes.{k}": v for k, v in cfg.backend.database_pool_modes.items()},
+             **{f"backend.role_pool_modes.{k}": v for k, v in cfg.backend.role_pool_modes.items()}}
+    for key, mode in modes.items():
+        if mode not in ("session", "transaction"):
+            problems.append(f"{key}: must be session or transaction")
+    if cfg.backend.session_state not in ("pin", "refuse"):
+        problems.append("backend.session_state: must be pin or refuse")
+    if cfg.backend.prepared_statements < 1:
+        problems.append("backend.prepared_statements: must be at least 1")
+    if cfg.backend.idle_in_transaction_timeout_s < 0:
+        problems.append("backend.idle_in_transaction_timeout_s: must not be negative")
     if not 0 < cfg.backend.port < 65536:
         problems.append("backend.port: must be 1-65535")
     if cfg.http.listen:

@@ -49,6 +49,10 @@ SERIES: dict[str, tuple] = {
     "pgproxy_directory_request_seconds": ("histogram", "LDAP login time (bind, entry and group reads), by result",
                                           ("result",), DIRECTORY_BUCKETS),
     "pgproxy_admin_terminations": ("counter", "sessions ended by an operator through the admin API", ()),
+    "pgproxy_pins": ("counter", "transaction-pooled clients pinned to a backend connection by session state, "
+                                "by reason and result (pinned or refused)", ("reason", "result")),
+    "pgproxy_identity_switches": ("counter", "backend connections switched to another client's identity "
+                                             "(person) or settings (settings)", ("kind",)),
 }
 
 # The first keyword decides the class (pgaudit's names). Statements that start with WITH

@@ -142,6 +142,10 @@ class ProxyServer:
             pool = self._pools[database] = Pool(self.cfg.backend, database, self.cfg.backend_password)
         return pool
 
+    def pool_mode_for(self, database: str, role: str) -> str:
+        backend = self.cfg.backend
+        return backend.role_pool_modes.get(role) or backend.database_pool_modes.get(database) or backend.pool_mode
+
     @property
     def multi_worker(self) -> bool:
         return self.cfg.server.workers > 1
@@ -264,7 +268,9 @@ class ProxyServer:
                 "role": session.role, "client": session.peer, "database": session.database,
                 "application": session.application_name, "auth_method": getattr(session.identity, "auth_method", ""),
                 "since": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(session.connected_at)),
-                "state": session.activity, "backend_pid": session.backend.pid if session.backend else None}
+                "state": session.activity, "backend_pid": session.backend.pid if session.backend else None,
+                "pool_mode": "transaction" if session.relay else "session",
+                "pinned": session.relay.pinned if session.relay else ""}
 
     def _metrics_snapshot(self) -> dict:
         clients: dict[str, int] = {}
@@ -348,6 +354,11 @@ class ProxyServer:
                     pool.janitor_tick()
                 except Exception:
                     log.exception("janitor failed on a pool", extra={"database": pool.database})
+            idle_in_transaction_s = self.cfg.backend.idle_in_transaction_timeout_s
+            if idle_in_transaction_s:
+                now = time.monotonic()
+                for session in list(self._sessions):
+                    session.janitor_tick(now, idle_in_transaction_s)
 
     async def shutdown(self) -> None:
         log.info("shutting down", extra={"sessions": len(self._sessions)})

@@ -22,7 +22,7 @@ import logging
 import struct
 import sys
 import time
-from collections import deque
+from collections import OrderedDict, deque
 
 from pgproxy.errors import PgProxyError, ProxyFailure, backend_unavailable
 from pgproxy.protocol import messages as msg
@@ -44,7 +44,8 @@ class BackendState(enum.Enum):
 
 class BackendConnection(asyncio.Protocol):
     __slots__ = ("database", "state", "transport", "pid", "secret", "params", "txn_status", "created_at",
-                 "idle_since", "close_reason", "session", "forgotten", "_reader", "_inbox", "_waiter")
+                 "idle_since", "close_reason", "session", "forgotten", "_reader", "_inbox", "_waiter",
+                 "state_key", "person", "prepared", "statement_counter", "switches", "unnamed_owner", "unnamed_gen")
 
     def __init__(self, database: str) -> None:
         self.database = database
@@ -62,6 +63,14 @@ class BackendConnection(asyncio.Protocol):
         self._reader = MessageReader(CONTROL_MAX_MESSAGE)
         self._inbox: deque[tuple[int, bytes]] = deque()
         self._waiter: asyncio.Future | None = None
+        # Whose connection this is (transaction pooling keeps it between clients):
+        self.state_key = None   # the role and settings applied, as a client's key; None: unknown
+        self.person = None      # whose prepared statements these are
+        self.prepared: OrderedDict[tuple, str] = OrderedDict()  # (text, types) -> our name, LRU
+        self.statement_counter = 0
+        self.switches = 0       # identity switches so far: each carries a new nonce
+        self.unnamed_owner = None  # the client whose unnamed statement this connection holds
+        self.unnamed_gen = 0
 
     # --- asyncio.Protocol --------------------------------------------------------------
 
@@ -195,11 +204,23 @@ class BackendConnection(asyncio.Protocol):
         cursors, temp objects, LISTEN, advisory locks. DISCARD ALL does all of these."""
         self.state = BackendState.RESETTING
         queries = ("ROLLBACK", "DISCARD ALL") if self.txn_status != b"I" else ("DISCARD ALL",)
+        self.forget_state()
         await self.run(*queries)
         if self.txn_status != b"I":
             raise backend_unavailable("connection still in a transaction after reset")
         self.idle_since = time.monotonic()
         self.state = BackendState.IDLE
+
+    def forget_state(self) -> None:
+        """Nobody's connection any more (reset, or a statement that may have undone our settings)."""
+        self.state_key = None
+        self.person = None
+        self.prepared.clear()
+        self.unnamed_owner = None
+
+    def statement_name(self) -> str:
+        self.statement_counter += 1
+        return f"pgproxy_{self.statement_counter}"
 
     # --- relay mode --------------------------------------------------------------------
 

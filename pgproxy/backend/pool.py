@@ -89,6 +89,42 @@ class Pool:
             self.stats.wait_seconds_total += waited
             self.wait_histogram.observe(waited)
 
+    def try_take(self) -> BackendConnection | None:
+        """An idle connection at once, without waiting or a health check; else None.
+
+        Transaction pooling takes a connection for every transaction: the common case must
+        not cost a coroutine. Old idle connections are left to ``acquire`` (health check).
+        """
+        if self._waiters:  # first come, first served
+            return None
+        now = time.monotonic()
+        while self._idle:
+            conn = self._idle[-1]
+            if conn.broken:
+                self._idle.pop()
+                self._forget(conn, conn.close_reason or "closed while idle")
+                continue
+            if now - conn.idle_since > self._cfg.health_check_after_s:
+                return None
+            self._idle.pop()
+            self.stats.acquires += 1
+            self.wait_histogram.observe(0.0)
+            return conn
+        return None
+
+    def give_back(self, conn: BackendConnection) -> None:
+        """Transaction pooling: a connection at ReadyForQuery 'I' with nothing in flight goes
+        back as it is, still carrying its last client's role and settings (the next client of
+        the same identity pays nothing; another one switches it)."""
+        conn.detach()
+        if conn.broken or self.closed or conn.txn_status != b"I":
+            self._forget(conn, conn.close_reason or "returned in a transaction or closed")
+            return
+        if time.monotonic() - conn.created_at > self._cfg.lifetime_s:
+            self._forget(conn, "lifetime reached")
+            return
+        self._hand_over(conn)
+
     async def _take_idle(self) -> BackendConnection | None:
         while self._idle:
             conn = self._idle.pop()

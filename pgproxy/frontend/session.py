@@ -34,7 +34,8 @@ from collections import deque
 
 from pgproxy.errors import (PgProxyError, ProxyFailure, no_user_name, not_authorized,
                             protocol_violation, too_many_clients, unsupported)
-from pgproxy.frontend.startup import client_settings, identity_sql, text_array
+from pgproxy.frontend.startup import client_settings, session_settings, switch_sql, text_array
+from pgproxy.frontend.transaction import TransactionRelay
 from pgproxy.protocol import messages as msg
 from pgproxy.protocol.framing import MessageReader, ServerStreamScanner, read_startup_packet
 from pgproxy.roles import map_role
@@ -84,7 +85,7 @@ class ClientSession(asyncio.Protocol):
     __slots__ = ("server", "state", "transport", "peer", "session_id", "user", "database", "role", "identity",
                  "backend", "pool", "cancel_key", "audit_prefix", "_startup_buf", "_reader", "_scanner",
                  "_settings", "_statements", "_portals", "_units", "_close_reason", "_auth_timer",
-                 "_login_task", "connected_at")
+                 "_login_task", "connected_at", "relay")
 
     def __init__(self, server) -> None:
         self.server = server
@@ -111,6 +112,7 @@ class ClientSession(asyncio.Protocol):
         self._auth_timer: asyncio.TimerHandle | None = None
         self._login_task: asyncio.Task | None = None
         self.connected_at = time.time()
+        self.relay: TransactionRelay | None = None  # transaction pooling's relay, once logged in
 
     # --- asyncio.Protocol --------------------------------------------------------------
 
@@ -143,7 +145,10 @@ class ClientSession(asyncio.Protocol):
         if self._auth_timer:
             self._auth_timer.cancel()
         reason = self._close_reason or (f"client connection lost: {exc}" if exc else "client closed the connection")
-        if self.backend is not None:
+        if self.relay is not None:
+            self.relay.close(reason)
+            self.backend = None
+        elif self.backend is not None:
             self._return_backend(reason)
         self.server.forget(self)
         if self.identity is not None:
@@ -178,7 +183,8 @@ class ClientSession(asyncio.Protocol):
     def activity(self) -> str:
         """The state operators see: startup, authenticating, logging_in, idle, active or closed."""
         if self.state is SessionState.READY:
-            return "active" if self._units else "idle"
+            busy = self.relay.active if self.relay is not None else self._units
+            return "active" if busy else "idle"
         return self.state.value
 
     @property
@@ -305,18 +311,28 @@ class ClientSession(asyncio.Protocol):
         self.identity, self.role = identity, role
 
     async def _take_backend(self) -> None:
-        pool = self.server.pool_for(self.database)
+        server = self.server
+        pool = server.pool_for(self.database)
+        transaction_mode = server.pool_mode_for(self.database, self.role) == "transaction"
         backend = await pool.acquire()
         identity = self.identity
         app = self._settings.get("application_name") or "unknown"
-        identity_settings = {"pgproxy.user": identity.username, "pgproxy.groups": text_array(identity.groups),
-                             "pgproxy.auth_method": identity.auth_method, "pgproxy.subject": identity.subject,
-                             "pgproxy.session_id": self.session_id, "application_name": f"{identity.username} via {app}"}
+        settings = session_settings(self._settings, {
+            "pgproxy.user": identity.username, "pgproxy.groups": text_array(identity.groups),
+            "pgproxy.auth_method": identity.auth_method, "pgproxy.subject": identity.subject,
+            "pgproxy.session_id": self.session_id, "application_name": f"{identity.username} via {app}"})
+        person = (self.role, identity.username, identity.groups, identity.auth_method, identity.subject)
+        relay = TransactionRelay(self, pool, self.role, person, settings, server.cfg.backend) if transaction_mode else None
         try:
-            if self.state is not SessionState.CLOSED:
-                await backend.run(identity_sql(self.role, identity_settings, self._settings))
+            if self.state is not SessionState.CLOSED and (relay is None or backend.state_key != relay.key):
+                backend.switches += 1
+                await backend.run(switch_sql(self.role, settings, deallocate=True, nonce=backend.switches))
+                backend.forget_state()
+                if relay is not None:
+                    backend.state_key, backend.person = relay.key, person
         except ProxyFailure as exc:
             # The switch runs as one implicit transaction: on error nothing was applied.
+            backend.forget_state()
             pool.release(backend, reusable=not backend.broken, reason="identity switch failed")
             if exc.sqlstate.startswith(("42", "28")):
                 raise not_authorized(self.user, f'cannot become role "{self.role}": {exc.log_detail}') from None
@@ -327,8 +343,13 @@ class ClientSession(asyncio.Protocol):
         if self.state is SessionState.CLOSED:  # the client left while we worked
             pool.release(backend, reusable=True, reason="client left during login")
             return
-        self.pool, self.backend = pool, backend
+        self.pool = pool
+        if relay is None:
+            self.backend = backend
         self._finish_login(backend)
+        if relay is not None:
+            self.relay = relay
+            pool.give_back(backend)  # transaction pooling: taken again at the first statement
 
     def _finish_login(self, backend) -> None:
         self.cancel_key = self.server.register_cancel(self)
@@ -347,10 +368,11 @@ class ClientSession(asyncio.Protocol):
                                 subject=identity.subject, issuer=identity.issuer, groups=list(identity.groups),
                                 auth_method=identity.auth_method, client=self.peer, database=self.database,
                                 application_name=self._settings.get("application_name", ""),
-                                backend_pid=backend.pid)
+                                backend_pid=backend.pid, pool_mode="session" if self.backend else "transaction")
         log.info("session started", extra={"session": self.session_id, "user": self.user, "role": self.role,
                                            "client": self.peer, "database": self.database, "backend_pid": backend.pid})
-        backend.attach(self)
+        if self.backend is not None:
+            backend.attach(self)
         self.transport.resume_reading()
 
     # --- READY: client -> server -------------------------------------------------------
@@ -358,6 +380,9 @@ class ClientSession(asyncio.Protocol):
     def _relay_client(self, data: bytes) -> None:
         frames = self._reader.feed(data)
         if not frames:
+            return
+        if self.relay is not None:
+            self._relay_pooled(frames)
             return
         units = self._units
         out = []
@@ -375,6 +400,47 @@ class ClientSession(asyncio.Protocol):
                 raise protocol_violation(f"unknown message type {bytes([kind])!r}")
             out.append(raw)
         self._flush(out)
+
+    def _relay_pooled(self, frames: list[tuple[int, bytes]]) -> None:
+        for i, (kind, _) in enumerate(frames):
+            if kind == _X or kind not in _CLIENT_TYPES:
+                if i:
+                    self.relay.client_frames(frames[:i])
+                if kind == _X:
+                    self._close("client sent Terminate")
+                    return
+                raise protocol_violation(f"unknown message type {bytes([kind])!r}")
+        self.relay.client_frames(frames)
+
+    # Services for the transaction-pooling relay
+
+    def new_statement(self, text: str, params=None, formats=None) -> _Statement:
+        return _Statement(text, params, formats)
+
+    def audit_statement(self, statement: _Statement, outcome: str, backend=None) -> None:
+        self._audit(statement, outcome, backend)
+
+    def audit_local(self, tag: str) -> None:
+        """A statement the proxy answered itself (DEALLOCATE, DISCARD ALL under transaction pooling)."""
+        statement = _Statement(tag)
+        statement.tags.append(tag.encode())
+        self.server.audit.statement(self.audit_prefix, tag, None, None, statement.tags, statement.started,
+                                    0.0, "answered_by_proxy", None, None)
+
+    def record_pin(self, reason: str, refused: bool) -> None:
+        result = "refused" if refused else "pinned"
+        self.server.metrics.count("pgproxy_pins", reason, result)
+        self.server.audit.event("pin", session=self.session_id, user=self.user, role=self.role,
+                                reason=reason, result=result)
+        log.info("session pinned to its backend connection" if not refused else "session state refused",
+                 extra={"session": self.session_id, "user": self.user, "reason": reason})
+
+    def janitor_tick(self, now: float, idle_in_transaction_s: float) -> None:
+        relay = self.relay
+        if (relay is not None and idle_in_transaction_s and relay.backend is not None and not relay.active
+                and relay.txn_status in (b"T", b"E") and now - relay.idle_since > idle_in_transaction_s):
+            self._fail(ProxyFailure("terminating connection due to idle-in-transaction timeout",
+                                    sqlstate="25P03", severity="FATAL"))
 
     def _flush(self, out: list[bytes]) -> None:
         if out and self.backend is not None:
@@ -427,7 +493,7 @@ class ClientSession(asyncio.Protocol):
             self.backend.close(f"unreadable server stream: {exc.log_detail}")
             self._fail(ProxyFailure("server connection broken", sqlstate="08006", severity="FATAL"))
             return
-        for kind, body in found:
+        for kind, body, _ in found:
             self._server_message(kind, body)
 
     def _server_message(self, kind: int, body: bytes) -> None:
@@ -486,10 +552,13 @@ class ClientSession(asyncio.Protocol):
             yield from ([unit] if isinstance(unit, _Statement) else unit.executes)
 
     def server_lost(self, reason: str) -> None:
-        for st in self._pending_statements():
+        pending = self.relay.pending_statements() if self.relay is not None else self._pending_statements()
+        for st in pending:
             st.sqlstate = st.sqlstate or "08006"
             self._audit(st, "connection_lost")
         self._units.clear()
+        if self.relay is not None:
+            self.relay.pipeline.clear()
         self._close(f"server connection lost: {reason}")
 
     # --- leaving -----------------------------------------------------------------------

@@ -104,11 +104,29 @@ def text_array(items) -> str:
     return "{" + ",".join('"' + i.replace("\\", "\\\\").replace('"', '\\"') + '"' for i in items) + "}"
 
 
-def identity_sql(role: str, identity_settings: dict[str, str], client: dict[str, str]) -> str:
-    """One round trip that becomes the person: SET ROLE, then identity and client settings.
+SWITCH_NONCE = "pgproxy.switch"
 
-    Runs as one implicit transaction, so a bad client setting undoes the role switch too.
+
+def session_settings(client: dict[str, str], identity: dict[str, str]) -> dict[str, str]:
+    """Everything a backend connection must carry for one client: the identity settings win
+    over a client setting of the same name (application_name)."""
+    return {**client, **identity}
+
+
+def switch_sql(role: str, settings: dict[str, str], *, deallocate: bool, nonce: int) -> str:
+    """One simple query that makes a backend connection someone's: their role, only their
+    settings (RESET ALL drops the previous client's), their identity settings, and a nonce
+    that a guard statement checks before any of the client's statements may run.
+
+    A multi-statement query runs as one implicit transaction: it applies whole or not at all.
+    ``deallocate``: the connection served another person, whose prepared statements go.
     """
-    calls = [f"set_config({quote_literal(k)}, {quote_literal(v)}, false)"
-             for k, v in {**client, **identity_settings}.items()]
-    return f"SET ROLE {quote_ident(role)}; SELECT {', '.join(calls)}"
+    calls = [f"set_config({quote_literal(k)}, {quote_literal(v)}, false)" for k, v in settings.items()]
+    calls.append(f"set_config('{SWITCH_NONCE}', '{nonce}', false)")
+    drop = "DEALLOCATE ALL; " if deallocate else ""
+    return f"SET ROLE {quote_ident(role)}; RESET ALL; {drop}SELECT {', '.join(calls)}"
+
+
+def guard_sql(nonce: int) -> str:
+    """Fails (division by zero) unless the switch carrying ``nonce`` took effect."""
+    return f"SELECT 1/coalesce((current_setting('{SWITCH_NONCE}', true) = '{nonce}')::int, 0)"

@@ -102,8 +102,9 @@ class ServerStreamScanner:
         self._need = 0      # bytes of that body still missing
         self._body = b""    # (bytes, not bytearray: idle sessions keep no spare buffers)
 
-    def feed(self, data: bytes) -> list[tuple[int, bytes]]:
-        out: list[tuple[int, bytes]] = []
+    def feed(self, data: bytes) -> list[tuple[int, bytes, int]]:
+        """Each wanted message completed in ``data``: (type, body, offset just past it in data)."""
+        out: list[tuple[int, bytes, int]] = []
         pos, end = 0, len(data)
         wanted = self._wanted
         while pos < end:
@@ -118,7 +119,7 @@ class ServerStreamScanner:
                 self._need -= take
                 pos += take
                 if not self._need:
-                    out.append((self._kind, self._body))
+                    out.append((self._kind, self._body, pos))
                     self._body = b""
                 continue
             if self._head or end - pos < 5:
@@ -141,12 +142,12 @@ class ServerStreamScanner:
             elif size > self._max:
                 raise protocol_violation(f"server message of {size} bytes is too large to read")
             elif end - pos >= size:
-                out.append((kind, bytes(data[pos:pos + size])))
                 pos += size
+                out.append((kind, bytes(data[pos - size:pos]), pos))
             elif size:
                 self._kind, self._need = kind, size
             else:
-                out.append((kind, b""))
+                out.append((kind, b"", pos))
         return out
 
     @property

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pgproxy.errors import PgProxyError, protocol_violation
 
 _I32 = struct.Struct("!i")
+_I16 = struct.Struct("!h")
 _HDR = struct.Struct("!cI")
 
 PROTOCOL_3_0 = 196608
@@ -94,6 +95,34 @@ def query(text: str) -> bytes:
 
 TERMINATE = message(b"X")
 SYNC = message(b"S")
+PARSE_COMPLETE = message(b"1")
+CLOSE_COMPLETE = message(b"3")
+
+
+def parse_message(statement: str, text: str, param_types: tuple[int, ...] = ()) -> bytes:
+    types = b"".join(_I32.pack(t - (1 << 32) if t >= 1 << 31 else t) for t in param_types)
+    return message(b"P", cstr(statement) + cstr(text) + _I16.pack(len(param_types)) + types)
+
+
+def bind_message(portal: str, statement: str) -> bytes:
+    """Bind without parameters, results in text."""
+    return message(b"B", cstr(portal) + cstr(statement) + _I16.pack(0) + _I16.pack(0) + _I16.pack(0))
+
+
+def execute_message(portal: str = "", max_rows: int = 0) -> bytes:
+    return message(b"E", cstr(portal) + _I32.pack(max_rows))
+
+
+def close_message(kind: str, name: str) -> bytes:
+    return message(b"C", kind.encode() + cstr(name))
+
+
+def describe_message(kind: str, name: str) -> bytes:
+    return message(b"D", kind.encode() + cstr(name))
+
+
+def command_complete(tag: str) -> bytes:
+    return message(b"C", cstr(tag))
 
 
 # --- decoding -----------------------------------------------------------------------
@@ -182,6 +211,7 @@ class Bind:
     statement: str
     param_formats: list[int]
     params: list[bytes | None]
+    tail: int  # where the body continues after the statement name (to rename the statement)
 
 
 _H = struct.Struct("!h")
@@ -219,7 +249,7 @@ def parse_bind(body: bytes) -> Bind:
     except (ValueError, struct.error):
         raise protocol_violation("malformed Bind message") from None
     return Bind(body[:portal_end].decode("utf-8", "replace"),
-                body[portal_end + 1:statement_end].decode("utf-8", "replace"), formats, params)
+                body[portal_end + 1:statement_end].decode("utf-8", "replace"), formats, params, statement_end + 1)
 
 
 def _count(reader: BodyReader) -> int:

@@ -9,6 +9,7 @@ import pytest
 from pgproxy.auth import Identity
 from pgproxy.config import ConfigError, load_config, parse_config
 from pgproxy.roles import map_role
+from pgproxy.server import ProxyServer
 
 ROOT = Path(__file__).resolve().parents[2]
 MINIMAL = {"backend": {"user": "pool"}, "auth": {"jwt": {"issuer": "https://idp", "audience": "pgproxy"}},
@@ -148,3 +149,29 @@ def test_a_short_admin_token_is_refused(tmp_path, monkeypatch):
         cfg.resolve_secrets()
     assert info.value.problems == ["http.admin_token: use at least 16 characters"]
     assert "short" not in str(info.value)
+
+
+def test_pool_modes_per_database_and_role_are_validated_and_resolved():
+    table = merge_table(MINIMAL, {"backend": {"pool_mode": "statement", "database_pool_modes": {"bi": "txn"},
+                                              "role_pool_modes": {"batch": 3}, "session_state": "ignore",
+                                              "prepared_statements": 0}})
+    problems = _problems(table)
+    assert "backend.pool_mode: must be session or transaction" in problems
+    assert "backend.database_pool_modes.bi: must be session or transaction" in problems
+    assert "backend.role_pool_modes.batch: expected a string" in problems
+    assert "backend.session_state: must be pin or refuse" in problems
+    assert "backend.prepared_statements: must be at least 1" in problems
+    cfg = parse_config(merge_table(MINIMAL, {"backend": {"database_pool_modes": {"bi": "transaction"},
+                                                         "role_pool_modes": {"batch": "session"}}}))
+    server = ProxyServer.__new__(ProxyServer)
+    server.cfg = cfg
+    assert server.pool_mode_for("bi", "analyst") == "transaction"
+    assert server.pool_mode_for("bi", "batch") == "session"  # the role's mode wins
+    assert server.pool_mode_for("other", "analyst") == "session"
+
+
+def merge_table(base: dict, override: dict) -> dict:
+    out = dict(base)
+    for key, value in override.items():
+        out[key] = merge_table(out.get(key, {}), value) if isinstance(value, dict) and key in out else value
+    return out

@@ -35,11 +35,24 @@ def test_scanner_finds_wanted_bodies_however_the_stream_is_cut():
     for _ in range(300):
         scanner = ServerStreamScanner(b"CZE", 1 << 20)
         cuts = sorted(rng.sample(range(1, len(stream)), rng.randint(0, 40)))
-        found = []
+        found, ends = [], []
         for start, end in zip([0] + cuts, cuts + [len(stream)]):
-            found += scanner.feed(stream[start:end])
+            for kind, body, stop in scanner.feed(stream[start:end]):
+                found.append((kind, body))
+                ends.append(start + stop)
         assert found == wanted
+        assert ends == _message_ends(stream, b"CZE")  # where each wanted message ends, to split the stream
         assert scanner.at_boundary
+
+
+def _message_ends(stream: bytes, kinds: bytes) -> list[int]:
+    ends, pos = [], 0
+    while pos < len(stream):
+        length = struct.unpack_from("!I", stream, pos + 1)[0]
+        pos += 1 + length
+        if stream[pos - 1 - length] in kinds:
+            ends.append(pos)
+    return ends
 
 
 def test_scanner_byte_by_byte_and_not_at_boundary_mid_message():
@@ -47,9 +60,9 @@ def test_scanner_byte_by_byte_and_not_at_boundary_mid_message():
     scanner = ServerStreamScanner(b"CZE", 1 << 20)
     found = []
     for i in range(len(stream) - 1):
-        found += scanner.feed(stream[i:i + 1])
+        found += [(kind, body) for kind, body, _ in scanner.feed(stream[i:i + 1])]
     assert not scanner.at_boundary
-    found += scanner.feed(stream[-1:])
+    found += [(kind, body) for kind, body, _ in scanner.feed(stream[-1:])]
     assert found == wanted
 
 

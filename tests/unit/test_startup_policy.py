@@ -3,8 +3,8 @@ from __future__ import annotations
 import pytest
 
 from pgproxy.errors import ClientError
-from pgproxy.frontend.startup import (client_settings, identity_sql, parse_options, quote_ident, quote_literal,
-                                      text_array)
+from pgproxy.frontend.startup import (client_settings, guard_sql, parse_options, quote_ident, quote_literal,
+                                      session_settings, switch_sql, text_array)
 
 
 @pytest.mark.parametrize("params", [
@@ -42,5 +42,13 @@ def test_quoting_cannot_be_escaped():
 
 
 def test_identity_settings_win_over_client_settings():
-    sql = identity_sql("r", {"application_name": "alice via x"}, {"application_name": "spoof"})
-    assert sql == "SET ROLE \"r\"; SELECT set_config(E'application_name', E'alice via x', false)"
+    settings = session_settings({"application_name": "spoof", "TimeZone": "UTC"}, {"application_name": "alice via x"})
+    assert settings == {"application_name": "alice via x", "TimeZone": "UTC"}
+
+
+def test_the_switch_applies_role_settings_and_nonce_and_the_guard_checks_the_nonce():
+    sql = switch_sql("r", {"application_name": "alice via x"}, deallocate=False, nonce=7)
+    assert sql == ("SET ROLE \"r\"; RESET ALL; SELECT set_config(E'application_name', E'alice via x', false), "
+                   "set_config('pgproxy.switch', '7', false)")
+    assert "DEALLOCATE ALL;" in switch_sql("r", {}, deallocate=True, nonce=1)
+    assert guard_sql(7) == "SELECT 1/coalesce((current_setting('pgproxy.switch', true) = '7')::int, 0)"

@@ -1,0 +1,492 @@
+"""Transaction pooling: one client's relay when backend connections are shared per transaction.
+
+A ``TransactionRelay`` takes the place of the session's own relay once the client is
+logged in with ``pool_mode = "transaction"``. Its rules:
+
+* **Taking a connection.** Client messages that arrive with no backend connection wait
+  (the client is not read meanwhile) until the pool gives one — at once when one is idle.
+* **Giving it back.** At ReadyForQuery 'I' with no reply outstanding, no message waiting
+  and no pin. Never with a transaction open, inside COPY, or between a Parse/Bind and
+  its Sync (replies still owed keep it).
+* **Identity.** A connection remembers whose role and settings it carries
+  (``state_key``). A different client gets, in the same write as its first message: a
+  switch query (SET ROLE, RESET ALL, its settings, a nonce; DEALLOCATE ALL when the
+  person changes) and a guard statement, sent without Sync, that fails unless the nonce
+  is in place — so if the switch failed, PostgreSQL skips the client's messages up to
+  their Sync. Messages after that first Sync wait until the guard has answered. A failed
+  switch ends the session and discards the connection. The same client back on the same
+  connection pays nothing.
+* **Prepared statements.** Client names map to per-connection names (``pgproxy_N``,
+  an LRU of ``backend.prepared_statements``), keyed by (text, parameter types). A Parse
+  the connection already has is answered locally; a Bind or Describe on a connection
+  without the statement gets a Parse injected first; Close of a statement is answered
+  locally. The unnamed statement is re-sent when the client lands elsewhere. Every
+  synthesized reply takes its place in ``Pipeline``.
+* **Session state.** A statement that outlives its transaction (``session_effects``)
+  pins the client to its connection for the rest of the session, or is refused with
+  0A000 when ``backend.session_state = "refuse"``. ``DEALLOCATE`` and ``DISCARD ALL``
+  alone in a simple query are answered locally.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+from pgproxy.errors import PgProxyError, ProxyFailure, protocol_violation
+from pgproxy.frontend.startup import guard_sql, switch_sql
+from pgproxy.policy.session_state import session_effects
+from pgproxy.protocol import messages as msg
+from pgproxy.protocol.framing import ServerStreamScanner
+from pgproxy.protocol.pipeline import (BIND, CLOSE, DESCRIBE, EXECUTE, FORWARD, GUARD, PARSE, QUERY, QUIET,
+                                       SWALLOW, SWITCH, SYNC, SYNTH, WANTED, Expected, Pipeline)
+
+log = logging.getLogger("pgproxy.session")
+
+MAX_CLIENT_STATEMENTS = 10_000
+_Q, _P, _B, _E, _S, _C, _D, _H, _F = (ord(c) for c in "QPBESCDHF")
+_FORWARD_ONLY = frozenset(b"dcfH")  # CopyData, CopyDone, CopyFail, Flush: no reply of their own
+
+
+class TransactionRelay:
+    __slots__ = ("session", "pool", "key", "person", "role", "settings", "backend", "pipeline", "scanner",
+                 "statements", "portals", "unnamed", "unnamed_gen", "pinned", "waiting", "switch_pending",
+                 "acquiring", "txn_status", "refuse_state", "prepared_limit", "idle_since", "skipping",
+                 "past_guard")
+
+    def __init__(self, session, pool, role: str, person: tuple, settings: dict[str, str], cfg) -> None:
+        self.session = session
+        self.pool = pool
+        self.role, self.person, self.settings = role, person, settings
+        self.key = (person, tuple(sorted(settings.items())))
+        self.backend = None
+        self.pipeline = Pipeline(self)
+        self.scanner = ServerStreamScanner(WANTED, 1 << 20)
+        self.statements: dict[str, tuple] = {}  # client statement name -> (text, parameter types)
+        self.portals: dict[str, tuple] = {}     # portal -> (text, params, formats), until the transaction ends
+        self.unnamed: tuple | None = None
+        self.unnamed_gen = 0
+        self.pinned = ""
+        self.waiting: list[tuple[int, bytes]] = []  # client messages not sent yet
+        self.switch_pending = False  # a switch was sent and its guard has not answered
+        self.past_guard = False      # ... and a message the guard does not cover is due
+        self.acquiring: asyncio.Task | None = None
+        self.txn_status = b"I"
+        self.refuse_state = cfg.session_state == "refuse"
+        self.prepared_limit = cfg.prepared_statements
+        self.idle_since = time.monotonic()
+        self.skipping = False  # a refused Parse: drop messages up to Sync
+
+    @property
+    def active(self) -> bool:
+        return bool(self.pipeline) or bool(self.waiting)
+
+    # --- client -> server --------------------------------------------------------------
+
+    def client_frames(self, frames: list[tuple[int, bytes]]) -> None:
+        if self.waiting or self.backend is None or self.past_guard:
+            self.waiting += frames
+            self.session.pause_reading_client()
+            if self.backend is None and self.acquiring is None:
+                self._take_backend()
+            return
+        self._send(frames)
+
+    def _take_backend(self) -> None:
+        backend = self.pool.try_take()
+        if backend is not None:
+            self._attach(backend)
+            return
+        self.acquiring = asyncio.get_running_loop().create_task(self._acquire())
+
+    async def _acquire(self) -> None:
+        try:
+            backend = await self.pool.acquire()
+        except PgProxyError as exc:
+            self.session.end(exc)
+            return
+        except Exception as exc:  # a bug must cost one session, never hang it
+            log.exception("taking a backend connection failed", extra={"session": self.session.session_id})
+            self.session.end(ProxyFailure("internal error", sqlstate="XX000", severity="FATAL", log_detail=repr(exc)))
+            return
+        finally:
+            self.acquiring = None
+        if self.session.transport is None:  # the client left while waiting
+            self.pool.give_back(backend)
+            return
+        self._attach(backend)
+
+    def _attach(self, backend) -> None:
+        self.backend = backend
+        self.session.backend = backend
+        backend.attach(self)
+        self._send_waiting()
+
+    def _send_waiting(self) -> None:
+        frames, self.waiting = self.waiting, []
+        self._send(frames)
+        if not self.waiting:
+            self.session.resume_reading_client()
+
+    def _send(self, frames: list[tuple[int, bytes]]) -> None:
+        backend = self.backend
+        out: list[bytes] = []
+        expect = self.pipeline.expect
+        sync_after_first = False
+        if frames and backend.state_key != self.key:
+            first_kind, first_raw = frames[0]
+            if first_kind == _Q and session_effects(first_raw[5:-1].decode("utf-8", "replace")).copy_in:
+                # COPY FROM STDIN ignores Sync: the guard could not be ended after it. Switch
+                # first; the COPY follows when the guard has answered (one round trip).
+                self._switch(backend, out)
+                out.append(msg.SYNC)
+                expect(Expected(SYNC, SWALLOW))
+                self.past_guard = True
+            else:
+                self._switch(backend, out)
+                sync_after_first = first_kind in (_Q, _F)
+        for i, (kind, raw) in enumerate(frames):
+            if self.skipping and kind != _S:
+                continue
+            if self.past_guard:
+                self.waiting = frames[i:]  # past the guard's protection: wait for its answer
+                self.session.pause_reading_client()
+                break
+            if self.switch_pending and kind in (_Q, _F, _S):
+                self.past_guard = True  # the guard covers messages up to this one
+            if kind == _Q:
+                self._query(raw, out)
+            elif kind == _P:
+                self._parse(raw, out)
+            elif kind == _B:
+                self._bind(raw, out)
+            elif kind == _E:
+                portal = msg.parse_execute_portal(raw[5:])
+                text, params, formats = self.portals.get(portal, ("", None, None))
+                out.append(raw)
+                expect(Expected(EXECUTE, statement=self.session.new_statement(text, params, formats)))
+            elif kind == _S:
+                self.skipping = False
+                out.append(raw)
+                expect(Expected(SYNC))
+            elif kind == _D:
+                self._describe(raw, out)
+            elif kind == _C:
+                self._close(raw, out)
+            elif kind == _F:
+                out.append(raw)
+                expect(Expected(QUERY, statement=self.session.new_statement("<FunctionCall message>")))
+            elif kind in _FORWARD_ONLY:
+                out.append(raw)
+            else:
+                raise protocol_violation(f"unexpected message type {bytes([kind])!r}")
+            if sync_after_first and kind in (_Q, _F):
+                out.append(msg.SYNC)  # ends the guard's skip-until-Sync for a simple query
+                expect(Expected(SYNC, SWALLOW))
+                sync_after_first = False
+        if out:
+            backend.write(b"".join(out))
+        self._deliver(self.pipeline.synthesized())
+        if self._releasable():  # everything was answered locally
+            self._release()
+
+    def _switch(self, backend, out: list[bytes]) -> None:
+        backend.switches += 1
+        nonce = backend.switches
+        new_person = backend.person != self.person
+        out.append(msg.query(switch_sql(self.role, self.settings, deallocate=new_person, nonce=nonce)))
+        self.pipeline.expect(Expected(QUERY, SWITCH))
+        out += [msg.parse_message("", guard_sql(nonce)), msg.bind_message("", ""), msg.execute_message()]
+        self.pipeline.expect(Expected(PARSE, SWITCH))
+        self.pipeline.expect(Expected(BIND, SWITCH))
+        self.pipeline.expect(Expected(EXECUTE, GUARD))
+        if new_person:
+            backend.prepared.clear()
+        backend.person, backend.state_key, backend.unnamed_owner = self.person, self.key, None
+        self.switch_pending, self.past_guard = True, False
+        self.session.server.metrics.count("pgproxy_identity_switches", "person" if new_person else "settings")
+
+    def _query(self, raw: bytes, out: list[bytes]) -> None:
+        text = raw[5:-1].decode("utf-8", "replace")
+        effects = session_effects(text)
+        backend = self.backend
+        if effects.local and self._answer_locally(effects):
+            return
+        if effects.pin and not self._pin(effects.pin, text):
+            return
+        out.append(raw)
+        self.pipeline.expect(Expected(QUERY, statement=self.session.new_statement(text)))
+        backend.unnamed_owner = None  # a simple query replaces the unnamed statement
+        if effects.stale or effects.deallocates:
+            backend.forget_state()
+            backend.person = None if effects.deallocates else self.person
+
+    def _answer_locally(self, effects) -> bool:
+        if effects.local == "deallocate":
+            if effects.name not in self.statements:
+                return False  # not ours (an SQL PREPARE of a pinned session): the server decides
+            del self.statements[effects.name]
+            tag = "DEALLOCATE"
+        elif effects.local == "deallocate_all":
+            self.statements.clear()
+            tag = "DEALLOCATE ALL"
+        else:
+            if self.pinned:
+                return False  # DISCARD ALL must really drop the session's state
+            self.statements.clear()
+            self.unnamed = None
+            tag = "DISCARD ALL"
+        self.session.audit_local(tag)
+        reply = msg.command_complete(tag) + msg.ready_for_query(self.txn_status)
+        self.pipeline.expect(Expected(QUERY, SYNTH, payload=reply))
+        return True
+
+    def _pin(self, reason: str, text: str, kind: int = QUERY) -> bool:
+        """Pin the client to its connection; False if refused (the error is queued)."""
+        if self.pinned:
+            return True
+        if self.refuse_state:
+            error = msg.error_response(ProxyFailure(
+                f"{reason} outlives the transaction; not allowed with transaction pooling",
+                sqlstate="0A000", severity="ERROR"))
+            if kind == QUERY:
+                error += msg.ready_for_query(self.txn_status)
+            self.pipeline.expect(Expected(kind, SYNTH, payload=error))
+            self.session.record_pin(reason, refused=True)
+            return False
+        self.pinned = reason
+        self.session.record_pin(reason, refused=False)
+        return True
+
+    def _parse(self, raw: bytes, out: list[bytes]) -> None:
+        parse = msg.parse_parse(raw[5:])
+        effects = session_effects(parse.query)
+        if effects.pin and not self._pin(effects.pin, parse.query, PARSE):
+            self.skipping = True  # as PostgreSQL does after an error: ignore messages up to Sync
+            return
+        if effects.stale or effects.deallocates:
+            self.backend.forget_state()
+        key = (parse.query, parse.param_types)
+        if not parse.statement:
+            self.unnamed = key
+            self.unnamed_gen += 1
+            self.backend.unnamed_owner, self.backend.unnamed_gen = self, self.unnamed_gen
+            out.append(raw)
+            self.pipeline.expect(Expected(PARSE, payload=(None, key)))
+            return
+        if parse.statement not in self.statements and len(self.statements) >= MAX_CLIENT_STATEMENTS:
+            raise ProxyFailure(f"more than {MAX_CLIENT_STATEMENTS} prepared statements in one session",
+                               sqlstate="54000", severity="FATAL")
+        self.statements[parse.statement] = key
+        prepared = self.backend.prepared
+        if key in prepared:
+            prepared.move_to_end(key)
+            self.pipeline.expect(Expected(PARSE, SYNTH, payload=msg.PARSE_COMPLETE))
+            return
+        self._prepare(key, out, quiet=False)
+
+    def _prepare(self, key: tuple, out: list[bytes], quiet: bool) -> str:
+        """Send a Parse for ``key`` under a new name on this connection, evicting the oldest."""
+        backend = self.backend
+        prepared = backend.prepared
+        while len(prepared) >= self.prepared_limit:
+            _, old = prepared.popitem(last=False)
+            out.append(msg.close_message("S", old))
+            self.pipeline.expect(Expected(CLOSE, SWALLOW))
+        name = backend.statement_name()
+        prepared[key] = name
+        out.append(msg.parse_message(name, key[0], key[1]))
+        self.pipeline.expect(Expected(PARSE, QUIET if quiet else FORWARD, payload=(backend, key)))
+        return name
+
+    def _statement_on_backend(self, name: str, out: list[bytes]) -> str | None:
+        """The connection's name for the client's statement, prepared there first if needed."""
+        backend = self.backend
+        if not name:
+            if self.unnamed is not None and not (backend.unnamed_owner is self
+                                                 and backend.unnamed_gen == self.unnamed_gen):
+                out.append(msg.parse_message("", *self.unnamed))
+                self.pipeline.expect(Expected(PARSE, QUIET, payload=(None, self.unnamed)))
+                backend.unnamed_owner, backend.unnamed_gen = self, self.unnamed_gen
+            return ""
+        key = self.statements.get(name)
+        if key is None:
+            return None  # unknown to us: the server answers "does not exist"
+        ours = backend.prepared.get(key)
+        if ours is None:
+            return self._prepare(key, out, quiet=True)
+        backend.prepared.move_to_end(key)
+        return ours
+
+    def _bind(self, raw: bytes, out: list[bytes]) -> None:
+        body = raw[5:]
+        bind = msg.parse_bind(body)
+        ours = self._statement_on_backend(bind.statement, out)
+        text, types = self.statements.get(bind.statement, self.unnamed if not bind.statement else None) or ("", ())
+        if ours is None:
+            ours = "pgproxy_unknown_" + bind.statement  # never one of ours, whatever the client names
+        if ours != bind.statement:
+            raw = msg.message(b"B", body[:body.index(0) + 1] + msg.cstr(ours) + body[bind.tail:])
+        out.append(raw)
+        self.portals[bind.portal] = (text, bind.params, (bind.param_formats, types))
+        self.pipeline.expect(Expected(BIND, payload=text))
+
+    def _describe(self, raw: bytes, out: list[bytes]) -> None:
+        what, name = msg.parse_close(raw[5:])
+        if what == "S":
+            ours = self._statement_on_backend(name, out)
+            if ours is None:
+                ours = "pgproxy_unknown_" + name
+            if ours != name:
+                raw = msg.describe_message("S", ours)
+        out.append(raw)
+        self.pipeline.expect(Expected(DESCRIBE))
+
+    def _close(self, raw: bytes, out: list[bytes]) -> None:
+        what, name = msg.parse_close(raw[5:])
+        if what == "S" and name:
+            self.statements.pop(name, None)  # the connection keeps it for reuse (LRU)
+            self.pipeline.expect(Expected(CLOSE, SYNTH, payload=msg.CLOSE_COMPLETE))
+            return
+        if what == "S":
+            self.unnamed = None
+        else:
+            self.portals.pop(name, None)
+        out.append(raw)
+        self.pipeline.expect(Expected(CLOSE))
+
+    # --- server -> client --------------------------------------------------------------
+
+    def server_data(self, data: bytes) -> None:
+        session = self.session
+        if session.transport is None:
+            return
+        try:
+            found = self.scanner.feed(data)
+        except PgProxyError as exc:
+            self.backend.close(f"unreadable server stream: {exc.log_detail}")
+            session.end(ProxyFailure("server connection broken", sqlstate="08006", severity="FATAL"))
+            return
+        self._deliver(self.pipeline.server(data, found))
+        if self._releasable():
+            self._release()
+
+    def _deliver(self, pieces: list[bytes]) -> None:
+        transport = self.session.transport
+        if pieces and transport is not None and not transport.is_closing():
+            transport.write(pieces[0] if len(pieces) == 1 else b"".join(pieces))
+
+    def _releasable(self) -> bool:
+        return (self.txn_status == b"I" and not self.pipeline and not self.waiting and not self.pinned
+                and self.backend is not None and not self.switch_pending and self.scanner.at_boundary)
+
+    def _release(self) -> None:
+        backend, self.backend = self.backend, None
+        self.session.backend = None
+        self.portals.clear()
+        self.idle_since = time.monotonic()
+        self.pool.give_back(backend)
+
+    # Pipeline events
+
+    def parameter(self, body: bytes) -> None:
+        name, value = msg.parse_parameter_status(body)
+        if self.backend is not None:
+            self.backend.params[name] = value
+
+    def ready(self, status: bytes, idle: bool) -> None:
+        self.txn_status = status
+        self.idle_since = time.monotonic()
+        if self.backend is not None:
+            self.backend.txn_status = status
+
+    def statement_done(self, statement, outcome: str) -> None:
+        self.session.audit_statement(statement, outcome)
+
+    def statement_error(self, statement, body: bytes) -> None:
+        statement.sqlstate = msg.parse_error_fields(body).get("C", "XX000")
+
+    def failed(self, entry: Expected, body: bytes) -> None:
+        """An extended-protocol message failed; the server skips the rest up to Sync."""
+        text = self._unprepare(entry)
+        statement = entry.statement
+        if statement is None and entry.action in (FORWARD, QUIET) and entry.kind in (PARSE, BIND):
+            statement = self.session.new_statement(text or "")
+        if statement is not None:
+            self.statement_error(statement, body)
+            self.session.audit_statement(statement, "error")
+
+    @staticmethod
+    def _unprepare(entry: Expected) -> str | None:
+        """A Parse that failed or was skipped: the connection does not have the statement."""
+        if entry.kind == PARSE and isinstance(entry.payload, tuple):
+            backend, key = entry.payload
+            if backend is not None:
+                backend.prepared.pop(key, None)
+            return key[0]
+        return entry.payload if isinstance(entry.payload, str) else None
+
+    def skipped(self, entry: Expected) -> None:
+        self._unprepare(entry)
+        if entry.statement is not None:
+            self.session.audit_statement(entry.statement, "skipped")
+
+    def switch_confirmed(self) -> None:
+        self.switch_pending = self.past_guard = False
+        if self.waiting and self.backend is not None:
+            asyncio.get_running_loop().call_soon(self._send_waiting_if_attached)
+
+    def _send_waiting_if_attached(self) -> None:
+        if self.waiting and self.backend is not None and not self.switch_pending:
+            try:
+                self._send_waiting()
+            except PgProxyError as exc:
+                self.session.end(exc)
+
+    def switch_failed(self, body: bytes) -> None:
+        fields = msg.parse_error_fields(body)
+        backend = self.backend
+        if backend is not None:
+            backend.close(f"identity switch failed: {fields.get('C')} {fields.get('M')}")
+        self.pipeline.clear()
+        self.session.end(ProxyFailure("could not switch to your role", sqlstate="28000", severity="FATAL",
+                                      log_detail=f'identity switch to role "{self.role}" failed: '
+                                                 f"{fields.get('C')} {fields.get('M')}"))
+
+    # --- backend connection callbacks (as the session gives them in session pooling) ---
+
+    def server_lost(self, reason: str) -> None:
+        self.session.server_lost(reason)
+
+    def pause_reading_client(self) -> None:
+        self.session.pause_reading_client()
+
+    def resume_reading_client(self) -> None:
+        if not self.waiting:
+            self.session.resume_reading_client()
+
+    def pending_statements(self):
+        for entry in self.pipeline.pending():
+            if entry.statement is not None:
+                yield entry.statement
+
+    # --- leaving -----------------------------------------------------------------------
+
+    def close(self, reason: str) -> None:
+        """The session ends: give the connection back in whatever state allows it."""
+        if self.acquiring is not None:
+            self.acquiring.cancel()
+        backend, self.backend = self.backend, None
+        if backend is None:
+            return
+        for statement in self.pending_statements():
+            self.session.audit_statement(statement, "client_gone", backend)
+        busy = bool(self.pipeline) or not self.scanner.at_boundary
+        self.pipeline.clear()
+        if busy:
+            self.pool.release(backend, False, reason=f"client left mid-request ({reason})", busy=True)
+        elif self.pinned or self.txn_status != b"I":
+            self.pool.release(backend, True, reason=reason)  # reset: the session's own state goes
+        else:
+            self.pool.give_back(backend)
