@@ -11,6 +11,7 @@ never accepted inline, so a config file can be shared and logged safely.
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import os
 import re
 import tomllib
@@ -51,6 +52,17 @@ class ServerSection:
                                    reloadable=False)
     auth_timeout_s: float = option(30.0, "seconds a client has to finish startup and authentication")
     shutdown_timeout_s: float = option(30.0, "seconds sessions get to finish on SIGTERM before 57P01")
+    unix_socket_dir: str = option("", "also listen on <dir>/.s.PGSQL.<port of the first listen address> "
+                                      "(psql -h <dir>); empty: no Unix socket", reloadable=False)
+    tls_cert_file: str = option("", "PEM certificate chain offered to clients; empty: no TLS (SSLRequest gets N)")
+    tls_key_file: str = option("", "PEM private key of tls_cert_file")
+    tls_min_version: str = option("TLSv1.2", "oldest TLS version accepted: TLSv1.2 or TLSv1.3")
+    tls_client_ca_file: str = option("", "CA bundle that client certificates must chain to")
+    tls_client_certificates: str = option("off", "off, optional (checked when sent) or required; with a "
+                                                 "certificate, its CN must equal the user name")
+    plaintext_networks: list[str] = option(["127.0.0.0/8", "::1/128"],
+                                           "client addresses that may send a password or token without TLS "
+                                           "(Unix-socket clients always may)")
 
     def __post_init__(self) -> None:
         if self.workers == 0:  # the CPUs this process may run on (cgroup/affinity aware), at most 64
@@ -71,6 +83,13 @@ class BackendSection:
     idle_timeout_s: float = option(600.0, "idle backend connections older than this are closed")
     lifetime_s: float = option(3600.0, "backend connections are closed after this many seconds of life")
     health_check_after_s: float = option(30.0, "an idle connection older than this is checked before reuse")
+    sslmode: str = option("disable", "TLS to PostgreSQL: disable, require, verify-ca or verify-full",
+                          reloadable=False)
+    sslrootcert: str = option("", "CA bundle for verify-ca and verify-full", reloadable=False)
+    sslcert: str = option("", "client certificate offered to PostgreSQL (PEM)", reloadable=False)
+    sslkey: str = option("", "its private key", reloadable=False)
+    channel_binding: str = option("prefer", "SCRAM-SHA-256-PLUS over TLS: prefer, require or disable",
+                                  reloadable=False)
     pool_mode: str = option("session", "session: a client keeps one backend connection; transaction: one per "
                                        "transaction")
     database_pool_modes: dict[str, str] = option({}, "pool_mode per database, e.g. { analytics = \"transaction\" }")
@@ -189,6 +208,8 @@ class Config:
     admin_token: str | None = field(default=None, repr=False, compare=False)
     ldap_bind_password: str | None = field(default=None, repr=False, compare=False)
     service_accounts: dict | None = field(default=None, repr=False, compare=False)
+    client_tls: object = field(default=None, repr=False, compare=False)   # ssl.SSLContext, by load_tls()
+    backend_tls: object = field(default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         self.server = self.server or ServerSection()
@@ -332,6 +353,7 @@ def _check_rules(cfg: Config, problems: list[str]) -> None:
     for key, mode in modes.items():
         if mode not in ("session", "transaction"):
             problems.append(f"{key}: must be session or transaction")
+    _check_tls(cfg, problems)
     if cfg.backend.session_state not in ("pin", "refuse"):
         problems.append("backend.session_state: must be pin or refuse")
     if cfg.backend.prepared_statements < 1:
@@ -368,6 +390,33 @@ def _check_rules(cfg: Config, problems: list[str]) -> None:
         problems.append("log.level: must be debug, info, warning or error")
     if cfg.log.format not in ("logfmt", "json"):
         problems.append("log.format: must be logfmt or json")
+
+
+def _check_tls(cfg: Config, problems: list[str]) -> None:
+    server, backend = cfg.server, cfg.backend
+    if bool(server.tls_cert_file) != bool(server.tls_key_file):
+        problems.append("server.tls_cert_file, server.tls_key_file: give both or neither")
+    if server.tls_min_version not in ("TLSv1.2", "TLSv1.3"):
+        problems.append("server.tls_min_version: must be TLSv1.2 or TLSv1.3")
+    if server.tls_client_certificates not in ("off", "optional", "required"):
+        problems.append("server.tls_client_certificates: must be off, optional or required")
+    elif server.tls_client_certificates != "off" and not (server.tls_client_ca_file and server.tls_cert_file):
+        problems.append("server.tls_client_certificates: needs tls_client_ca_file and a server certificate")
+    for i, network in enumerate(server.plaintext_networks):
+        try:
+            ipaddress.ip_network(network, strict=False)
+        except ValueError:
+            problems.append(f"server.plaintext_networks[{i}]: not an address or network: {network!r}")
+    if backend.sslmode not in ("disable", "require", "verify-ca", "verify-full"):
+        problems.append("backend.sslmode: must be disable, require, verify-ca or verify-full")
+    elif backend.sslmode.startswith("verify") and not backend.sslrootcert:
+        problems.append(f"backend.sslrootcert: required with sslmode = {backend.sslmode}")
+    if bool(backend.sslcert) != bool(backend.sslkey):
+        problems.append("backend.sslcert, backend.sslkey: give both or neither")
+    if backend.channel_binding not in ("prefer", "require", "disable"):
+        problems.append("backend.channel_binding: must be prefer, require or disable")
+    elif backend.channel_binding == "require" and backend.sslmode == "disable":
+        problems.append("backend.channel_binding: require needs TLS (sslmode is disable)")
 
 
 def _check_jwt(jwt: JwtSection, problems: list[str]) -> None:
@@ -484,4 +533,6 @@ def load_config(path: str | os.PathLike) -> Config:
         raise ConfigError([f"{path}: not valid TOML: {exc}"]) from None
     cfg = parse_config(table)
     cfg.resolve_secrets()
+    from pgproxy.tls import load_tls
+    load_tls(cfg)
     return cfg

@@ -81,6 +81,13 @@ def forbidden_parameter(name: str) -> ClientError:
                        sqlstate="42501", severity="FATAL", denial="startup_parameter")
 
 
+def insecure_transport(user: str, reason: str) -> ClientError:
+    """Refused before the password is asked for, so it never crosses the network in the clear."""
+    return ClientError("connection is not encrypted: pgproxy accepts passwords and tokens from this address "
+                       "only over TLS; connect with sslmode=require (or verify-full)", sqlstate="28000",
+                       severity="FATAL", log_detail=f'user "{user}": {reason}', denial="plaintext")
+
+
 def unsupported(what: str) -> ClientError:
     return ClientError(f"not supported by pgproxy: {what}", sqlstate="0A000", severity="FATAL")
 

@@ -43,13 +43,15 @@ def free_port() -> int:
 
 
 class PgCluster:
-    def __init__(self, port: int | None = None, settings: dict[str, str] | None = None) -> None:
+    def __init__(self, port: int | None = None, settings: dict[str, str] | None = None,
+                 hba: list[str] | None = None) -> None:
         self.bindir = find_bindir()
         self.port = port or free_port()
         self.dir = Path(tempfile.mkdtemp(prefix="pgproxy-pg-"))
         self.data = self.dir / "data"
         self.socket_dir = self.dir / "sock"
         self.settings = settings or {}
+        self.hba = hba  # TCP lines of pg_hba.conf in place of initdb's (local logins stay trusted)
         self._user = unprivileged_user()
         if self._user is not None:
             os.chown(self.dir, self._user.pw_uid, self._user.pw_gid)
@@ -73,9 +75,16 @@ class PgCluster:
                 "logging_collector": "off", "log_connections": "off", **self.settings}
         with open(self.data / "postgresql.conf", "a") as fh:
             fh.writelines(f"{k} = {v}\n" for k, v in conf.items())
+        if self.hba is not None:
+            (self.data / "pg_hba.conf").write_text("\n".join(["local all all trust", *self.hba]) + "\n")
         self._run([str(self.bindir / "pg_ctl"), "-D", str(self.data), "-l", str(self.dir / "postgres.log"),
                    "-w", "-t", "60", "start"])
         return self
+
+    def give(self, path: Path) -> None:
+        """Make a file the server's own (a TLS key must belong to the user the server runs as)."""
+        if self._user is not None:
+            os.chown(path, self._user.pw_uid, self._user.pw_gid)
 
     def psql(self, sql: str, database: str = "postgres", user: str = "postgres") -> str:
         """Run SQL as the superuser over the Unix socket; return psql's unaligned output."""

@@ -16,11 +16,13 @@ control channel — so any worker can answer for the whole proxy.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hmac
 import logging
 import os
 import secrets
 import socket
+import stat
 import struct
 import time
 
@@ -43,6 +45,29 @@ READY_CACHE_S = 5.0  # /readyz logs in to PostgreSQL at most this often
 
 
 CANCEL_OWNER_SHIFT = 24  # with several workers, a cancel key's top bits name its worker
+# The Unix-socket listener, bound by the supervisor before it forks (workers inherit it).
+inherited_unix_socket: socket.socket | None = None
+
+
+def unix_socket_path(cfg: Config) -> str:
+    port = parse_listen(cfg.server.listen[0])[1] if cfg.server.listen else 5432
+    return os.path.join(cfg.server.unix_socket_dir, f".s.PGSQL.{port}")
+
+
+def bind_unix_socket(cfg: Config) -> socket.socket:
+    """<unix_socket_dir>/.s.PGSQL.<port>, as PostgreSQL names it, so psql -h <dir> finds it."""
+    path = unix_socket_path(cfg)
+    try:
+        if stat.S_ISSOCK(os.lstat(path).st_mode):
+            os.unlink(path)  # left by a process that did not stop cleanly
+    except FileNotFoundError:
+        pass
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.bind(path)
+    os.chmod(path, 0o777)  # like PostgreSQL's unix_socket_permissions: authentication decides
+    sock.listen(1024)
+    sock.setblocking(False)
+    return sock
 
 
 class ProxyServer:
@@ -64,6 +89,7 @@ class ProxyServer:
         self.addresses: list[tuple[str, int]] = []
         self._blocked: dict[str, float] = {}  # user -> monotonic time until which logins are refused
         self._backend_ok_at = float("-inf")
+        self._owns_unix_socket = False
 
     # --- what sessions ask of the server ---------------------------------------------
 
@@ -139,7 +165,8 @@ class ProxyServer:
     def pool_for(self, database: str) -> Pool:
         pool = self._pools.get(database)
         if pool is None:
-            pool = self._pools[database] = Pool(self.cfg.backend, database, self.cfg.backend_password)
+            pool = self._pools[database] = Pool(self.cfg.backend, database, self.cfg.backend_password,
+                                                self.cfg.backend_tls)
         return pool
 
     def pool_mode_for(self, database: str, role: str) -> str:
@@ -307,7 +334,7 @@ class ProxyServer:
             database = cfg.databases[0] if cfg.databases else "postgres"
             try:
                 conn = await open_connection(cfg.host, cfg.port, database, cfg.user, self.cfg.backend_password,
-                                             cfg.connect_timeout_s)
+                                             cfg.connect_timeout_s, self.cfg.backend_tls, cfg.channel_binding)
                 conn.close("readiness check done")
                 self._backend_ok_at = time.monotonic()
             except PgProxyError as exc:
@@ -326,6 +353,10 @@ class ProxyServer:
             self._listeners.append(listener)
             for sock in listener.sockets:
                 self.addresses.append(sock.getsockname()[:2])
+        if self.cfg.server.unix_socket_dir:
+            sock = inherited_unix_socket or bind_unix_socket(self.cfg)
+            self._owns_unix_socket = inherited_unix_socket is None
+            self._listeners.append(await loop.create_unix_server(lambda: ClientSession(self), sock=sock))
         if self.multi_worker:
             self._services.append(await control.serve(control.control_socket_name(self.group, self.worker_index),
                                                       self.control))
@@ -364,6 +395,9 @@ class ProxyServer:
         log.info("shutting down", extra={"sessions": len(self._sessions)})
         for listener in self._listeners + self._services:
             listener.close()
+        if self._owns_unix_socket:
+            with contextlib.suppress(OSError):
+                os.unlink(unix_socket_path(self.cfg))
         for session in list(self._sessions):
             if not session.logged_in:  # nothing to finish: no statement can be running
                 session.end(shutting_down())

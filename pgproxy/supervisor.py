@@ -49,6 +49,9 @@ class Supervisor:
 
     def run(self) -> int:
         self._check_addresses()
+        if self.cfg.server.unix_socket_dir:
+            from pgproxy import server
+            server.inherited_unix_socket = server.bind_unix_socket(self.cfg)  # the workers inherit it
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self.handle_stop)
         signal.signal(signal.SIGHUP, self.handle_reload)
@@ -73,6 +76,13 @@ class Supervisor:
             if watchdog_s and time.monotonic() >= next_ping:
                 next_ping = time.monotonic() + watchdog_s
                 self._ping_workers(min(watchdog_s, control.TIMEOUT_S))
+        if self.cfg.server.unix_socket_dir:
+            from pgproxy import server
+            server.inherited_unix_socket.close()
+            try:
+                os.unlink(server.unix_socket_path(self.cfg))
+            except OSError:
+                pass
         return 1 if self.failed else 0
 
     def _reap(self) -> bool:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import enum
 import logging
+import ssl
 import struct
 import sys
 import time
@@ -28,6 +29,7 @@ from pgproxy.errors import PgProxyError, ProxyFailure, backend_unavailable
 from pgproxy.protocol import messages as msg
 from pgproxy.protocol.framing import MessageReader
 from pgproxy.protocol.scram import ScramClient, md5_password
+from pgproxy.tls import server_end_point
 
 log = logging.getLogger("pgproxy.backend")
 
@@ -45,7 +47,8 @@ class BackendState(enum.Enum):
 class BackendConnection(asyncio.Protocol):
     __slots__ = ("database", "state", "transport", "pid", "secret", "params", "txn_status", "created_at",
                  "idle_since", "close_reason", "session", "forgotten", "_reader", "_inbox", "_waiter",
-                 "state_key", "person", "prepared", "statement_counter", "switches", "unnamed_owner", "unnamed_gen")
+                 "state_key", "person", "prepared", "statement_counter", "switches", "unnamed_owner", "unnamed_gen",
+                 "reading_paused", "_tls_answer", "_asking_tls")
 
     def __init__(self, database: str) -> None:
         self.database = database
@@ -71,6 +74,9 @@ class BackendConnection(asyncio.Protocol):
         self.switches = 0       # identity switches so far: each carries a new nonce
         self.unnamed_owner = None  # the client whose unnamed statement this connection holds
         self.unnamed_gen = 0
+        self.reading_paused = False
+        self._asking_tls = False  # an SSLRequest was sent; its one-byte answer is due
+        self._tls_answer = b""
 
     # --- asyncio.Protocol --------------------------------------------------------------
 
@@ -80,6 +86,11 @@ class BackendConnection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self.session is not None:
             self.session.server_data(data)
+            return
+        if self._asking_tls:
+            self._asking_tls = False
+            self._tls_answer = data  # the one-byte answer to SSLRequest ('S' or 'N')
+            self._wake()
             return
         try:
             self._inbox.extend(self._reader.feed(data))
@@ -124,15 +135,23 @@ class BackendConnection(asyncio.Protocol):
             self._waiter = None
         return self._inbox.popleft()
 
-    async def login(self, user: str, password: str | None, extra: dict[str, str]) -> None:
+    async def login(self, user: str, password: str | None, extra: dict[str, str],
+                    channel_binding: str = "prefer") -> None:
         self.transport.write(msg.startup_message({"user": user, "database": self.database, **extra}))
         scram: ScramClient | None = None
+        ssl_object = self.transport.get_extra_info("ssl_object")
         while True:
             kind, raw = await self._next()
             body = raw[5:]
             if kind == ord("R"):
                 code = struct.unpack_from("!i", body)[0]
                 if code == 0:
+                    if channel_binding == "require" and (scram is None or scram.mechanism != ScramClient.PLUS):
+                        raise backend_unavailable("server authenticated without channel binding, and "
+                                                  "backend.channel_binding = require")
+                    log.debug("logged in to PostgreSQL", extra={
+                        "tls": ssl_object.version() if ssl_object is not None else "no",
+                        "mechanism": scram.mechanism if scram is not None else f"auth {code}"})
                     continue
                 if password is None:
                     raise backend_unavailable(f"server asks for a password (method {code}) but none is configured")
@@ -141,11 +160,8 @@ class BackendConnection(asyncio.Protocol):
                 elif code == 5:
                     self.transport.write(msg.password_message(md5_password(user, password, body[4:8])))
                 elif code == 10:
-                    mechanisms = body[4:].split(b"\0")
-                    if ScramClient.MECHANISM.encode() not in mechanisms:
-                        raise backend_unavailable(f"server offers no supported SASL mechanism: {mechanisms!r}")
-                    scram = ScramClient(password)
-                    self.transport.write(msg.sasl_initial_response(ScramClient.MECHANISM, scram.client_first()))
+                    scram = self._scram(body[4:].split(b"\0"), password, ssl_object, channel_binding)
+                    self.transport.write(msg.sasl_initial_response(scram.mechanism, scram.client_first()))
                 elif code == 11 and scram:
                     self.transport.write(msg.password_message(scram.client_final(body[4:])))
                 elif code == 12 and scram:
@@ -164,6 +180,18 @@ class BackendConnection(asyncio.Protocol):
                 self.txn_status = body[:1]
                 self.state = BackendState.IDLE
                 return
+
+    @staticmethod
+    def _scram(mechanisms: list[bytes], password: str, ssl_object, channel_binding: str) -> ScramClient:
+        plus = ssl_object is not None and channel_binding != "disable" and ScramClient.PLUS.encode() in mechanisms
+        if plus:
+            return ScramClient(password, binding=server_end_point(ssl_object.getpeercert(binary_form=True)))
+        if channel_binding == "require":
+            raise backend_unavailable("server does not offer SCRAM-SHA-256-PLUS (channel binding), and "
+                                      "backend.channel_binding = require")
+        if ScramClient.MECHANISM.encode() not in mechanisms:
+            raise backend_unavailable(f"server offers no supported SASL mechanism: {mechanisms!r}")
+        return ScramClient(password, tls=ssl_object is not None)
 
     async def run(self, *queries: str) -> list[tuple[int, bytes]]:
         """Send simple queries in one write; return every message up to the last ReadyForQuery.
@@ -211,6 +239,27 @@ class BackendConnection(asyncio.Protocol):
         self.idle_since = time.monotonic()
         self.state = BackendState.IDLE
 
+    async def start_tls(self, context: ssl.SSLContext, host: str) -> None:
+        """SSLRequest, then the handshake; a server that answers 'N' is refused (sslmode
+        require and stricter never fall back to plaintext)."""
+        self._asking_tls, self._tls_answer = True, b""
+        self.transport.write(msg.SSL_REQUEST_PACKET)
+        while self._asking_tls:
+            if self.broken:
+                raise backend_unavailable("server closed the connection during the TLS request")
+            self._waiter = asyncio.get_running_loop().create_future()
+            await self._waiter
+            self._waiter = None
+        answer = self._tls_answer
+        if answer != b"S":
+            raise backend_unavailable("server does not support TLS (answered the SSLRequest with "
+                                      f"{answer[:1]!r}) and backend.sslmode requires it")
+        try:
+            self.transport = await asyncio.get_running_loop().start_tls(
+                self.transport, self, context, server_hostname=host)
+        except (ssl.SSLError, ssl.CertificateError, OSError) as exc:
+            raise backend_unavailable(f"TLS handshake with the server failed: {exc}") from None
+
     def forget_state(self) -> None:
         """Nobody's connection any more (reset, or a statement that may have undone our settings)."""
         self.state_key = None
@@ -235,7 +284,17 @@ class BackendConnection(asyncio.Protocol):
 
     def detach(self) -> None:
         self.session = None
-        if self.transport is not None and not self.transport.is_closing():
+        self.resume_reading()
+
+    def pause_reading(self) -> None:
+        """The client reads slower than we receive: stop reading the server."""
+        if self.transport is not None and not self.reading_paused:
+            self.reading_paused = True
+            self.transport.pause_reading()
+
+    def resume_reading(self) -> None:
+        if self.reading_paused and self.transport is not None and not self.transport.is_closing():
+            self.reading_paused = False
             self.transport.resume_reading()
 
     def write(self, data: bytes) -> None:
@@ -254,7 +313,8 @@ class BackendConnection(asyncio.Protocol):
 
 
 async def open_connection(host: str, port: int, database: str, user: str, password: str | None,
-                          timeout: float) -> BackendConnection:
+                          timeout: float, tls: ssl.SSLContext | None = None,
+                          channel_binding: str = "prefer") -> BackendConnection:
     loop = asyncio.get_running_loop()
 
     async def connect() -> BackendConnection:
@@ -264,7 +324,10 @@ async def open_connection(host: str, port: int, database: str, user: str, passwo
         else:
             _, conn = await loop.create_connection(lambda: BackendConnection(database), host, port)
         try:
-            await conn.login(user, password, {"application_name": "pgproxy", "client_encoding": "UTF8"})
+            if tls is not None and not host.startswith("/"):
+                await conn.start_tls(tls, host)
+            await conn.login(user, password, {"application_name": "pgproxy", "client_encoding": "UTF8"},
+                             channel_binding)
         except BaseException:
             conn.close("login failed")
             raise

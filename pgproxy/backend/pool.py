@@ -37,8 +37,9 @@ class PoolStats:
 
 
 class Pool:
-    def __init__(self, cfg: BackendSection, database: str, password: str | None) -> None:
+    def __init__(self, cfg: BackendSection, database: str, password: str | None, tls=None) -> None:
         self._cfg = cfg
+        self._tls = tls  # ssl.SSLContext when backend.sslmode is not disable
         self.database = database
         self._password = password
         self._idle: deque[BackendConnection] = deque()
@@ -89,28 +90,35 @@ class Pool:
             self.stats.wait_seconds_total += waited
             self.wait_histogram.observe(waited)
 
-    def try_take(self) -> BackendConnection | None:
+    def try_take(self, state_key=None) -> BackendConnection | None:
         """An idle connection at once, without waiting or a health check; else None.
 
         Transaction pooling takes a connection for every transaction: the common case must
-        not cost a coroutine. Old idle connections are left to ``acquire`` (health check).
+        not cost a coroutine. One that already carries ``state_key`` (the client's role and
+        settings) is preferred: it needs no identity switch. Old idle connections are left
+        to ``acquire`` (health check).
         """
         if self._waiters:  # first come, first served
             return None
-        now = time.monotonic()
-        while self._idle:
-            conn = self._idle[-1]
-            if conn.broken:
-                self._idle.pop()
-                self._forget(conn, conn.close_reason or "closed while idle")
-                continue
-            if now - conn.idle_since > self._cfg.health_check_after_s:
-                return None
-            self._idle.pop()
-            self.stats.acquires += 1
-            self.wait_histogram.observe(0.0)
-            return conn
-        return None
+        idle = self._idle
+        while idle and idle[-1].broken:
+            conn = idle.pop()
+            self._forget(conn, conn.close_reason or "closed while idle")
+        if not idle:
+            return None
+        index = len(idle) - 1
+        if state_key is not None and idle[index].state_key != state_key:
+            for i in range(index - 1, -1, -1):
+                if idle[i].state_key == state_key and not idle[i].broken:
+                    index = i
+                    break
+        conn = idle[index]
+        if time.monotonic() - conn.idle_since > self._cfg.health_check_after_s:
+            return None
+        del idle[index]
+        self.stats.acquires += 1
+        self.wait_histogram.observe(0.0)
+        return conn
 
     def give_back(self, conn: BackendConnection) -> None:
         """Transaction pooling: a connection at ReadyForQuery 'I' with nothing in flight goes
@@ -142,7 +150,8 @@ class Pool:
         self.size += 1
         try:
             conn = await open_connection(self._cfg.host, self._cfg.port, self.database, self._cfg.user,
-                                         self._password, self._cfg.connect_timeout_s)
+                                         self._password, self._cfg.connect_timeout_s, self._tls,
+                                         self._cfg.channel_binding)
         except BaseException:
             self.size -= 1
             self._hand_over(None)  # capacity freed: let a waiter try

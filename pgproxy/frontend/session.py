@@ -28,17 +28,19 @@ import asyncio
 import enum
 import logging
 import secrets
+import ssl
 import struct
 import time
 from collections import deque
 
-from pgproxy.errors import (PgProxyError, ProxyFailure, no_user_name, not_authorized,
+from pgproxy.errors import (PgProxyError, ProxyFailure, insecure_transport, no_user_name, not_authorized,
                             protocol_violation, too_many_clients, unsupported)
 from pgproxy.frontend.startup import client_settings, session_settings, switch_sql, text_array
 from pgproxy.frontend.transaction import TransactionRelay
 from pgproxy.protocol import messages as msg
 from pgproxy.protocol.framing import MessageReader, ServerStreamScanner, read_startup_packet
 from pgproxy.roles import map_role
+from pgproxy.tls import certificate_common_name, feed_protocol, plaintext_allowed
 
 log = logging.getLogger("pgproxy.session")
 
@@ -85,7 +87,7 @@ class ClientSession(asyncio.Protocol):
     __slots__ = ("server", "state", "transport", "peer", "session_id", "user", "database", "role", "identity",
                  "backend", "pool", "cancel_key", "audit_prefix", "_startup_buf", "_reader", "_scanner",
                  "_settings", "_statements", "_portals", "_units", "_close_reason", "_auth_timer",
-                 "_login_task", "connected_at", "relay")
+                 "_login_task", "connected_at", "relay", "peer_ip", "tls", "_upgrading")
 
     def __init__(self, server) -> None:
         self.server = server
@@ -113,13 +115,17 @@ class ClientSession(asyncio.Protocol):
         self._login_task: asyncio.Task | None = None
         self.connected_at = time.time()
         self.relay: TransactionRelay | None = None  # transaction pooling's relay, once logged in
+        self.peer_ip = ""
+        self.tls = None          # the ssl object once the client speaks TLS
+        self._upgrading = False  # a TLS handshake is under way
 
     # --- asyncio.Protocol --------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.Transport) -> None:
         self.transport = transport
         peer = transport.get_extra_info("peername")
-        self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer or "unix")
+        self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else "unix"
+        self.peer_ip = peer[0] if isinstance(peer, tuple) else "unix"
         self._auth_timer = asyncio.get_running_loop().call_later(
             self.server.cfg.server.auth_timeout_s, self._auth_timed_out)
         if not self.server.admit(self):
@@ -160,12 +166,12 @@ class ClientSession(asyncio.Protocol):
 
     def pause_writing(self) -> None:
         # The client reads slower than the server sends: stop reading the server.
-        if self.backend is not None and self.backend.transport is not None:
-            self.backend.transport.pause_reading()
+        if self.backend is not None:
+            self.backend.pause_reading()
 
     def resume_writing(self) -> None:
-        if self.backend is not None and self.backend.transport is not None:
-            self.backend.transport.resume_reading()
+        if self.backend is not None:
+            self.backend.resume_reading()
 
     def pause_reading_client(self) -> None:
         if self.transport is not None:
@@ -227,6 +233,15 @@ class ClientSession(asyncio.Protocol):
 
     def _startup(self, data: bytes) -> None:
         buf = self._startup_buf
+        if self._upgrading:  # the client's first bytes inside TLS, before start_tls returned
+            buf += data
+            return
+        if not buf and self.tls is None and data[:1] == b"\x16":
+            # A TLS ClientHello with no SSLRequest first: PostgreSQL 17's direct TLS.
+            if self.server.cfg.client_tls is None:
+                raise protocol_violation("TLS handshake, but this proxy has no certificate configured")
+            self._start_tls(data)
+            return
         buf += data
         while self.state is SessionState.STARTUP:
             packet = read_startup_packet(buf)
@@ -238,6 +253,10 @@ class ClientSession(asyncio.Protocol):
                     raise protocol_violation("malformed encryption request")
                 if buf:  # bytes sent before our answer could be injected by a man in the middle
                     raise protocol_violation("data after encryption request before its answer")
+                if code == msg.SSL_REQUEST and self.tls is None and self.server.cfg.client_tls is not None:
+                    self.transport.write(b"S")
+                    self._start_tls(b"")
+                    return
                 self.transport.write(msg.SSL_REFUSED)
             elif code == msg.CANCEL_REQUEST:
                 if len(body) != 8:
@@ -253,10 +272,48 @@ class ClientSession(asyncio.Protocol):
             else:
                 raise unsupported(f"protocol version {code >> 16}.{code & 0xFFFF}")
 
+    def _start_tls(self, initial: bytes) -> None:
+        self._upgrading = True
+        self.transport.pause_reading()
+        self._login_task = asyncio.get_running_loop().create_task(self._upgrade(initial))
+
+    async def _upgrade(self, initial: bytes) -> None:
+        """Switch the connection to TLS; ``initial``: a ClientHello already read (direct TLS)."""
+        loop = asyncio.get_running_loop()
+        raw = self.transport
+        handshake = asyncio.ensure_future(loop.start_tls(
+            raw, self, self.server.cfg.client_tls, server_side=True,
+            ssl_handshake_timeout=self.server.cfg.server.auth_timeout_s))
+        try:
+            if initial:
+                # start_tls has put its TLS protocol in front of ours; once that protocol
+                # is connected, give it the bytes we already read.
+                for _ in range(3):
+                    await asyncio.sleep(0)
+                feed_protocol(raw.get_protocol(), initial)
+            transport = await handshake
+        except (ssl.SSLError, OSError, ConnectionError, asyncio.TimeoutError, RuntimeError) as exc:
+            self._close_reason = f"TLS handshake failed: {exc}"
+            log.info("TLS handshake failed", extra={"session": self.session_id, "client": self.peer,
+                                                    "reason": str(exc)})
+            if not raw.is_closing():
+                raw.close()
+            self.connection_lost(None)  # the TLS layer may not tell us: forget the session here
+            return
+        finally:
+            self._login_task = None
+        self.transport = transport
+        self.tls = transport.get_extra_info("ssl_object")
+        self._upgrading = False
+        pending, self._startup_buf = bytes(self._startup_buf), bytearray()
+        if pending:
+            self.data_received(pending)
+
     def _begin_auth(self, minor: int, params: dict[str, str]) -> None:
         self.user = params.get("user", "")
         if not self.user:
             raise no_user_name()
+        self._check_transport_security()
         self.database = params.get("database") or self.user
         self._settings, protocol_options = client_settings(params)
         self._startup_buf = b""  # startup is over; the buffer is not needed again
@@ -267,6 +324,25 @@ class ClientSession(asyncio.Protocol):
             self.transport.write(msg.negotiate_protocol_version(0, protocol_options))
         self.transport.write(msg.AUTH_CLEARTEXT_PASSWORD)
         self.state = SessionState.AUTHENTICATING
+
+    def _check_transport_security(self) -> None:
+        """Passwords and tokens travel in the clear without TLS: only from trusted addresses.
+        A client certificate, when given (or required), must name the user."""
+        server_cfg = self.server.cfg.server
+        if self.tls is None:
+            if server_cfg.tls_client_certificates == "required":
+                raise insecure_transport(self.user, "a client certificate is required, and this connection "
+                                                    "has no TLS")
+            if not plaintext_allowed(self.peer_ip, server_cfg.plaintext_networks):
+                raise insecure_transport(self.user, f"plaintext login from {self.peer_ip}, outside "
+                                                    "server.plaintext_networks")
+            return
+        if server_cfg.tls_client_certificates != "off":
+            name = certificate_common_name(self.tls.getpeercert())
+            if name is None and server_cfg.tls_client_certificates == "required":
+                raise insecure_transport(self.user, "no client certificate")
+            if name is not None and name != self.user:
+                raise not_authorized(self.user, f'client certificate is for "{name}"')
 
     # --- AUTHENTICATING / LOGGING_IN ---------------------------------------------------
 
@@ -317,10 +393,15 @@ class ClientSession(asyncio.Protocol):
         backend = await pool.acquire()
         identity = self.identity
         app = self._settings.get("application_name") or "unknown"
-        settings = session_settings(self._settings, {
+        identity_settings = {
             "pgproxy.user": identity.username, "pgproxy.groups": text_array(identity.groups),
             "pgproxy.auth_method": identity.auth_method, "pgproxy.subject": identity.subject,
-            "pgproxy.session_id": self.session_id, "application_name": f"{identity.username} via {app}"})
+            "application_name": f"{identity.username} via {app}"}
+        if not transaction_mode:
+            # Under transaction pooling a connection serves all sessions of one person with the
+            # same settings without a switch, so it carries no session id.
+            identity_settings["pgproxy.session_id"] = self.session_id
+        settings = session_settings(self._settings, identity_settings)
         person = (self.role, identity.username, identity.groups, identity.auth_method, identity.subject)
         relay = TransactionRelay(self, pool, self.role, person, settings, server.cfg.backend) if transaction_mode else None
         try:

@@ -53,7 +53,7 @@ class TransactionRelay:
     __slots__ = ("session", "pool", "key", "person", "role", "settings", "backend", "pipeline", "scanner",
                  "statements", "portals", "unnamed", "unnamed_gen", "pinned", "waiting", "switch_pending",
                  "acquiring", "txn_status", "refuse_state", "prepared_limit", "idle_since", "skipping",
-                 "past_guard")
+                 "past_guard", "attaching")
 
     def __init__(self, session, pool, role: str, person: tuple, settings: dict[str, str], cfg) -> None:
         self.session = session
@@ -77,6 +77,7 @@ class TransactionRelay:
         self.prepared_limit = cfg.prepared_statements
         self.idle_since = time.monotonic()
         self.skipping = False  # a refused Parse: drop messages up to Sync
+        self.attaching = False
 
     @property
     def active(self) -> bool:
@@ -85,20 +86,17 @@ class TransactionRelay:
     # --- client -> server --------------------------------------------------------------
 
     def client_frames(self, frames: list[tuple[int, bytes]]) -> None:
+        if self.backend is None and not self.waiting:
+            backend = self.pool.try_take(self.key)  # the common case: an idle connection, at once
+            if backend is not None:
+                self._attach(backend)
         if self.waiting or self.backend is None or self.past_guard:
             self.waiting += frames
             self.session.pause_reading_client()
             if self.backend is None and self.acquiring is None:
-                self._take_backend()
+                self.acquiring = asyncio.get_running_loop().create_task(self._acquire())
             return
         self._send(frames)
-
-    def _take_backend(self) -> None:
-        backend = self.pool.try_take()
-        if backend is not None:
-            self._attach(backend)
-            return
-        self.acquiring = asyncio.get_running_loop().create_task(self._acquire())
 
     async def _acquire(self) -> None:
         try:
@@ -116,12 +114,14 @@ class TransactionRelay:
             self.pool.give_back(backend)
             return
         self._attach(backend)
+        self._send_waiting()
 
     def _attach(self, backend) -> None:
         self.backend = backend
         self.session.backend = backend
+        self.attaching = True  # bytes the connection kept while idle arrive now; not a reason to release
         backend.attach(self)
-        self._send_waiting()
+        self.attaching = False
 
     def _send_waiting(self) -> None:
         frames, self.waiting = self.waiting, []
@@ -379,7 +379,8 @@ class TransactionRelay:
 
     def _releasable(self) -> bool:
         return (self.txn_status == b"I" and not self.pipeline and not self.waiting and not self.pinned
-                and self.backend is not None and not self.switch_pending and self.scanner.at_boundary)
+                and self.backend is not None and not self.switch_pending and not self.attaching
+                and self.scanner.at_boundary)
 
     def _release(self) -> None:
         backend, self.backend = self.backend, None

@@ -36,6 +36,7 @@ def cstr(text: str) -> bytes:
 AUTH_OK = message(b"R", _I32.pack(0))
 AUTH_CLEARTEXT_PASSWORD = message(b"R", _I32.pack(3))
 SSL_REFUSED = b"N"
+SSL_REQUEST_PACKET = struct.pack("!ii", 8, SSL_REQUEST)
 
 
 def error_response(err: PgProxyError) -> bytes:
