@@ -200,7 +200,7 @@ def test_backend_with_an_unknown_ca_or_without_tls_is_refused_with_the_reason_in
         base_config, issuer, ca, ssl_only_database, tmp_path):
     stranger = certs.TestCA(tmp_path, name="not the database's CA")
     for backend, reason in (({"sslrootcert": str(stranger.path)}, "certificate verify failed"),
-                            ({"sslmode": "disable"}, "no pg_hba.conf entry")):
+                            ({"sslmode": "disable"}, "pg_hba.conf rejects connection")):
         proxy = ProxyProcess(merge(_backend_tls(base_config, ssl_only_database, ca, tmp_path), {"backend": backend}))
         try:
             with pytest.raises(psycopg.OperationalError, match="database connection unavailable"):
