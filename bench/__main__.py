@@ -34,18 +34,25 @@ SCENARIOS = {
     "tpcb": ("3 read/write (pgbench default), 16 clients", ["-M", "simple", "-c", "16", "-j", "2"]),
     "many_clients": ("4 500 clients over a pool of 20 (transaction)", ["-S", "-M", "simple", "-c", "500", "-j", "2"]),
     "connect_rate": ("5 new authenticated connection per transaction", ["-C", "-S", "-M", "simple", "-c", "4", "-j", "2"]),
+    "select_tls": ("1s select-only, simple, TLS (sslmode=require)", ["-S", "-M", "simple", "-c", "16", "-j", "2"]),
+    "connect_tls": ("5s new connection per transaction, TLS", ["-C", "-S", "-M", "simple", "-c", "4", "-j", "2"]),
     "latency": ("6 single-client latency (added over direct)", ["-S", "-M", "simple", "-c", "1", "-j", "1"]),
     "memory": ("7 memory per idle client", None),  # needs transaction pooling
     "ldap_connect": ("8 new LDAP-authenticated connections/s (pgproxy only)", None),
 }
 CHART_LABELS = {"select_simple": "1 select, simple", "select_prepared": "2 select, prepared",
                 "select_prepared_tx": "2t prepared, txn pool", "tpcb": "3 read/write", "many_clients": "4 500 clients",
-                "connect_rate": "5 new connections/s", "latency": "6 one client"}
+                "connect_rate": "5 new connections/s", "latency": "6 one client", "select_tls": "1s select, TLS",
+                "connect_tls": "5s new conn/s, TLS"}
 # Scenarios measured with transaction pooling: which target stands for each pooler.
 # PgBouncer 1.18 has no prepared statements in transaction mode (1.21 added them), so
 # scenario 2t compares with its session pooling.
 TRANSACTION_TARGETS = {"select_prepared_tx": {"pgbouncer": "pgbouncer", "pgproxy": "pgproxy_tx"},
                        "many_clients": {"pgbouncer": "pgbouncer_tx", "pgproxy": "pgproxy_tx"}}
+# Scenarios measured over TLS: every target with sslmode=require (PgBouncer and pgproxy
+# terminate TLS; PostgreSQL does for direct).
+TLS_TARGETS = {name: {t: f"{t}_tls" for t in ("direct", "pgbouncer", "pgproxy")} for name in ("select_tls",
+                                                                                           "connect_tls")}
 MEMORY_CLIENTS = 1000  # session pooling, so each idle client holds a backend connection
 
 
@@ -111,7 +118,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"-- {title}", file=sys.stderr, flush=True)
             for round_no in range(rounds):
                 for target_name in ORDER:
-                    target = bench.targets[TRANSACTION_TARGETS.get(name, {}).get(target_name, target_name)]
+                    chosen_target = {**TRANSACTION_TARGETS, **TLS_TARGETS}.get(name, {}).get(target_name, target_name)
+                    target = bench.targets[chosen_target]
                     result = run_pgbench(target, pgargs, seconds, log_dir if name == "latency" else None)
                     raw.append({"scenario": name, "target": target_name, "round": round_no, **result})
                     print(f"   {target_name:9s} round {round_no}: {result}", file=sys.stderr, flush=True)

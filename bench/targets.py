@@ -7,7 +7,9 @@
 
 Each pooler also has a transaction-pooling target: ``pgbouncer_tx`` (database bench_tx,
 pool_mode=transaction) and ``pgproxy_tx`` (an identity whose role is transaction-pooled
-through ``role_pool_modes``).
+through ``role_pool_modes``). And every target has a TLS twin (``direct_tls``,
+``pgbouncer_tls``, ``pgproxy_tls``): the same server, with sslmode=require from pgbench
+and a certificate from a CA made for the run.
 
 Every target gets the same pool size and the same backend.
 """
@@ -23,7 +25,7 @@ from pathlib import Path
 
 from pgproxy.auth.devissuer import DevIssuer
 from pgproxy.pgcluster import PgCluster, free_port, run_as, unprivileged_user
-from tests.support.proxy import ProxyProcess, wait_for_port
+from tests.support.proxy import ProxyProcess, merge, wait_for_port
 
 BENCH_LOGIN, BENCH_PASSWORD = "bench_login", "bench-password"
 POOL_ROLE, POOL_PASSWORD = "pgproxy_pool", "pool-password"
@@ -74,8 +76,17 @@ class Bench:
         self.targets: dict[str, Target] = {}
 
     def start(self) -> "Bench":
+        from tests.support.certs import TestCA
+        ca = TestCA(self.dir)
+        self.cert, self.key = ca.issue("localhost", ["localhost", "127.0.0.1"], stem="server")
         self.cluster = PgCluster(settings={"max_connections": str(max(700, 2 * self.pool_size + 50)),
-                                           "shared_buffers": "'256MB'"}).start()
+                                           "shared_buffers": "'256MB'"})
+        cert, key = self.cluster.dir / "server.pem", self.cluster.dir / "server.key"
+        for source, target in ((self.cert, cert), (self.key, key)):
+            shutil.copy(source, target)
+            self.cluster.give(target)
+        self.cluster.settings.update({"ssl": "on", "ssl_cert_file": f"'{cert}'", "ssl_key_file": f"'{key}'"})
+        self.cluster.start()
         self.cluster.psql(SETUP_SQL)
         direct = Target("direct", self.cluster.port, BENCH_LOGIN, BENCH_PASSWORD)
         subprocess.run([pgbench(), "-i", "-q", "-s", str(self.scale), *direct.pgbench_args()],
@@ -89,6 +100,10 @@ class Bench:
         self.targets["pgproxy"] = self._start_pgproxy()
         token = self.issuer.mint("benchtx", ["bench_tx"], ttl_s=4 * 3600)
         self.targets["pgproxy_tx"] = Target("pgproxy_tx", self.proxy.port, "benchtx", token)
+        for name in ("direct", "pgbouncer", "pgproxy"):
+            plain = self.targets[name]
+            self.targets[f"{name}_tls"] = Target(f"{name}_tls", plain.port, plain.user, plain.password,
+                                                 {"PGSSLMODE": "require"})
         return self
 
     def _start_pgbouncer(self) -> Target:
@@ -111,11 +126,15 @@ max_client_conn = 20000
 logfile = {self.dir}/pgbouncer.log
 log_connections = 0
 log_disconnections = 0
+client_tls_sslmode = allow
+client_tls_cert_file = {self.dir}/server.pem
+client_tls_key_file = {self.dir}/server.key
 """)
         user = unprivileged_user()  # PgBouncer refuses to run as root
         if user is not None:
             for name in ("userlist.txt", "pgbouncer.ini"):
                 (self.dir / name).chmod(0o644)
+            os.chown(self.dir / "server.key", user.pw_uid, user.pw_gid)
             os.chown(self.dir, user.pw_uid, user.pw_gid)
         self.bouncer = subprocess.Popen([shutil.which("pgbouncer") or "/usr/sbin/pgbouncer",
                                          str(self.dir / "pgbouncer.ini")],
@@ -132,16 +151,16 @@ log_disconnections = 0
     def pgproxy_config(self) -> dict:
         password_file = self.dir / "pool-password"
         password_file.write_text(POOL_PASSWORD + "\n")
-        return {
+        return merge({
             "backend": {"host": "127.0.0.1", "port": self.cluster.port, "user": POOL_ROLE,
                         "password_file": str(password_file), "pool_size": self.pool_size,
                         "role_pool_modes": {BENCH_TX_ROLE: "transaction"}},
             "auth": {"jwt": {"issuer": self.issuer.url, "audience": "pgproxy"}},
             "roles": [{"group": "bench", "role": BENCH_ROLE}, {"group": "bench_tx", "role": BENCH_TX_ROLE}],
             "log": {"level": "warning"},
-            "server": {"workers": 1},  # one process unless the run asks for more (--workers)
-            **self.pgproxy_overrides,
-        }
+            # one process unless the run asks for more (--workers)
+            "server": {"workers": 1, "tls_cert_file": str(self.cert), "tls_key_file": str(self.key)},
+        }, self.pgproxy_overrides)
 
     def pids(self) -> dict[str, int]:
         return {"pgbouncer": self.bouncer.pid, "pgproxy": self.proxy.process.pid}

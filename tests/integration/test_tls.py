@@ -142,11 +142,22 @@ def test_certificate_rotation_on_sighup_keeps_sessions(make_proxy, issuer, ca, t
     session.close()
 
 
-def test_unix_socket_named_the_postgresql_way(make_proxy, issuer, tmp_path):
+@pytest.mark.parametrize("workers", [1, 2])
+def test_unix_socket_named_the_postgresql_way(base_config, issuer, tmp_path, workers):
     directory = tmp_path / "run"
     directory.mkdir()
-    proxy = make_proxy(server={"unix_socket_dir": str(directory)})
-    assert (directory / f".s.PGSQL.{proxy.port}").is_socket()
+    proxy = ProxyProcess(merge(base_config, {"server": {"unix_socket_dir": str(directory), "workers": workers,
+                                                        "plaintext_networks": []}}))
+    try:
+        assert (directory / f".s.PGSQL.{proxy.port}").is_socket()
+        for _ in range(3):  # with two workers, both inherited the supervisor's socket
+            _psql_over_unix_socket(proxy, directory, issuer)
+    finally:
+        assert proxy.stop() == 0
+    assert not (directory / f".s.PGSQL.{proxy.port}").exists()  # removed on exit
+
+
+def _psql_over_unix_socket(proxy, directory, issuer) -> None:
     done = subprocess.run(["psql", "-X", "-A", "-t", "-h", str(directory), "-p", str(proxy.port), "-U", "alice",
                            "-d", "demo", "-c", "SELECT current_user, current_setting('pgproxy.user')"],
                           capture_output=True, text=True, env=proxy.env(issuer.mint("alice", ["sales_emea"])),
