@@ -34,6 +34,7 @@ SCENARIOS = {
     "tpcb": ("3 read/write (pgbench default), 16 clients", ["-M", "simple", "-c", "16", "-j", "2"]),
     "many_clients": ("4 500 clients over a pool of 20 (transaction)", ["-S", "-M", "simple", "-c", "500", "-j", "2"]),
     "connect_rate": ("5 new authenticated connection per transaction", ["-C", "-S", "-M", "simple", "-c", "4", "-j", "2"]),
+    "select_guard_off": ("1g select-only, simple, statement guard OFF", ["-S", "-M", "simple", "-c", "16", "-j", "2"]),
     "select_tls": ("1s select-only, simple, TLS (sslmode=require)", ["-S", "-M", "simple", "-c", "16", "-j", "2"]),
     "connect_tls": ("5s new connection per transaction, TLS", ["-C", "-S", "-M", "simple", "-c", "4", "-j", "2"]),
     "latency": ("6 single-client latency (added over direct)", ["-S", "-M", "simple", "-c", "1", "-j", "1"]),
@@ -43,7 +44,7 @@ SCENARIOS = {
 CHART_LABELS = {"select_simple": "1 select, simple", "select_prepared": "2 select, prepared",
                 "select_prepared_tx": "2t prepared, txn pool", "tpcb": "3 read/write", "many_clients": "4 500 clients",
                 "connect_rate": "5 new connections/s", "latency": "6 one client", "select_tls": "1s select, TLS",
-                "connect_tls": "5s new conn/s, TLS"}
+                "connect_tls": "5s new conn/s, TLS", "select_guard_off": "1g guard off"}
 # Scenarios measured with transaction pooling: which target stands for each pooler.
 # PgBouncer 1.18 has no prepared statements in transaction mode (1.21 added them), so
 # scenario 2t compares with its session pooling.
@@ -51,6 +52,7 @@ TRANSACTION_TARGETS = {"select_prepared_tx": {"pgbouncer": "pgbouncer", "pgproxy
                        "many_clients": {"pgbouncer": "pgbouncer_tx", "pgproxy": "pgproxy_tx"}}
 # Scenarios measured over TLS: every target with sslmode=require (PgBouncer and pgproxy
 # terminate TLS; PostgreSQL does for direct).
+GUARD_TARGETS = {"select_guard_off": {"pgproxy": "pgproxy_noguard"}}
 TLS_TARGETS = {name: {t: f"{t}_tls" for t in ("direct", "pgbouncer", "pgproxy")} for name in ("select_tls",
                                                                                            "connect_tls")}
 MEMORY_CLIENTS = 1000  # session pooling, so each idle client holds a backend connection
@@ -118,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"-- {title}", file=sys.stderr, flush=True)
             for round_no in range(rounds):
                 for target_name in ORDER:
-                    chosen_target = {**TRANSACTION_TARGETS, **TLS_TARGETS}.get(name, {}).get(target_name, target_name)
+                    chosen_target = {**TRANSACTION_TARGETS, **TLS_TARGETS, **GUARD_TARGETS}.get(name, {}).get(target_name, target_name)
                     target = bench.targets[chosen_target]
                     result = run_pgbench(target, pgargs, seconds, log_dir if name == "latency" else None)
                     raw.append({"scenario": name, "target": target_name, "round": round_no, **result})
@@ -133,6 +135,10 @@ def main(argv: list[str] | None = None) -> int:
     memory = measure_memory(MEMORY_CLIENTS) if "memory" in chosen else None
 
     summary = summarize(raw, chosen)
+    if "select_simple" in summary and "select_guard_off" in summary:
+        on = summary["select_simple"]["median"]["pgproxy"]["tps"]
+        off = summary["select_guard_off"]["median"]["pgproxy"]["tps"]
+        summary["select_guard_off"]["guard_on_vs_off"] = round(on / off, 3)
     if memory:
         summary["memory"] = memory
     if "ldap_connect" in chosen:
@@ -209,6 +215,8 @@ def table(summary: dict) -> str:
         m = entry["median"]
         lines.append(f"{title:42s} " + " ".join(f"{m[t]['tps']:10.0f}" for t in ORDER)
                      + f" {entry['pgproxy_vs_pgbouncer']:9.2f} {entry['pgproxy_vs_direct']:8.2f}")
+        if "guard_on_vs_off" in entry:
+            lines.append(f"{'   guard on ÷ guard off (pgproxy, scenario 1)':42s} {entry['guard_on_vs_off']:.3f}")
         if name == "latency":
             lines.append(f"{'   p50 / p99 µs':42s} " + " ".join(f"{m[t]['p50_us']:>4.0f}/{m[t]['p99_us']:<5.0f}" for t in ORDER)
                          + f"  added p50 {entry['pgproxy_added_p50_us']:.0f} µs (PgBouncer {entry['pgbouncer_added_p50_us']:.0f})")

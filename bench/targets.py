@@ -72,6 +72,7 @@ class Bench:
         self.cluster: PgCluster | None = None
         self.issuer: DevIssuer | None = None
         self.proxy: ProxyProcess | None = None
+        self.unguarded: ProxyProcess | None = None
         self.bouncer: subprocess.Popen | None = None
         self.targets: dict[str, Target] = {}
 
@@ -146,6 +147,9 @@ client_tls_key_file = {self.dir}/server.key
         self.issuer = DevIssuer().start()
         self.proxy = ProxyProcess(self.pgproxy_config())
         token = self.issuer.mint("benchuser", ["bench"], ttl_s=4 * 3600)
+        # The same proxy with the statement guard off, only to measure what the guard costs.
+        self.unguarded = ProxyProcess(merge(self.pgproxy_config(), {"guard": {"unsafe_disable": True}}))
+        self.targets["pgproxy_noguard"] = Target("pgproxy_noguard", self.unguarded.port, "benchuser", token)
         return Target("pgproxy", self.proxy.port, "benchuser", token)
 
     def pgproxy_config(self) -> dict:
@@ -172,8 +176,9 @@ client_tls_key_file = {self.dir}/server.key
                 "pgbench": subprocess.run([pgbench(), "--version"], capture_output=True, text=True).stdout.strip()}
 
     def stop(self) -> None:
-        if self.proxy:
-            self.proxy.stop()
+        for proxy in (self.proxy, self.unguarded):
+            if proxy:
+                proxy.stop()
         if self.bouncer:
             self.bouncer.terminate()
             self.bouncer.wait(10)

@@ -57,11 +57,12 @@ class AuditLog:
 
     def statement(self, session_prefix: str, text: str, params: list | None, param_info: tuple | None,
                   tags: list[bytes], started: float, duration_s: float, outcome: str,
-                  sqlstate: str | None, backend_pid: int | None) -> None:
-        """``tags`` are raw CommandComplete bodies, as they came from the server."""
+                  sqlstate: str | None, backend_pid: int | None, verdict=None) -> None:
+        """``tags`` are raw CommandComplete bodies, as they came from the server;
+        ``verdict``: the guard's classes and relations for the statement."""
         try:
             line = self._render_statement(started, session_prefix, text, params, param_info, tags,
-                                          duration_s, outcome, sqlstate, backend_pid)
+                                          duration_s, outcome, sqlstate, backend_pid, verdict)
         except Exception:  # never lose the fact that a statement ran
             log.exception("cannot render an audit record")
             line = json.dumps({"ts": _iso(started), "event": "statement", "statement": text,
@@ -110,7 +111,8 @@ class AuditLog:
                 log.error("audit write failed: %s", exc)
 
     def _render_statement(self, started: float, prefix: str, text: str, params, param_info, raw_tags,
-                          duration_s: float, outcome: str, sqlstate: str | None, pid: int | None) -> str:
+                          duration_s: float, outcome: str, sqlstate: str | None, pid: int | None,
+                          verdict=None) -> str:
         # Statements are most of the trail: built as a string with C-level escaping,
         # about 4x cheaper than dumping a dict.
         cfg = self._cfg
@@ -130,6 +132,8 @@ class AuditLog:
             out += f', "commands": {json.dumps(tags, ensure_ascii=False)}'
         if sqlstate:
             out += f', "sqlstate": {_json_str(sqlstate)}'
+        if verdict is not None:
+            out += _verdict_members(verdict)
         if params is not None and cfg.parameters != "off":
             rendered = [self._render_param(i, p, param_info) for i, p in enumerate(params)]
             out += f', "parameters": {json.dumps(rendered, ensure_ascii=False)}'
@@ -180,6 +184,19 @@ def decode_binary(oid: int, value: bytes) -> str | None:
 _json_str = json.encoder.py_encode_basestring if json.encoder.c_encode_basestring is None \
     else json.encoder.c_encode_basestring
 _second_cache: list = [None, ""]
+_verdict_cache: dict = {}
+
+
+def _verdict_members(verdict) -> str:
+    """', "classes": [...], "relations": [...]' for a guard verdict, rendered once per verdict."""
+    members = _verdict_cache.get(verdict)
+    if members is None:
+        members = (f', "classes": {json.dumps(list(verdict.classes))}, '
+                   f'"relations": {json.dumps(list(verdict.relations), ensure_ascii=False)}')
+        if len(_verdict_cache) > 10_000:
+            _verdict_cache.clear()
+        _verdict_cache[verdict] = members
+    return members
 
 
 def _iso(ts: float) -> str:

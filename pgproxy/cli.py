@@ -46,9 +46,20 @@ def main(argv: list[str] | None = None) -> int:
                        help="terminate: also refuse the user's logins this long")
     admin.add_argument("--json", action="store_true", help="print the API's JSON answer")
     sub.add_parser("hash-secret", help="hash a service account secret (read from stdin) for the accounts file")
+    backend = sub.add_parser("check-backend", help="report database setups that let a person leave their identity")
+    backend.add_argument("-c", "--config", required=True)
     args = parser.parse_args(argv)
-    return {"serve": cmd_serve, "check-config": cmd_check_config, "demo": cmd_demo,
-            "dev-token": cmd_dev_token, "admin": cmd_admin, "hash-secret": cmd_hash_secret}[args.command](args)
+    return {"serve": cmd_serve, "check-config": cmd_check_config, "demo": cmd_demo, "dev-token": cmd_dev_token,
+            "admin": cmd_admin, "hash-secret": cmd_hash_secret, "check-backend": cmd_check_backend}[args.command](args)
+
+
+def cmd_check_backend(args) -> int:
+    """Exit 0: nothing unsafe; 1: something unsafe (each printed with its fix); 2: cannot check."""
+    cfg = _load_or_report(args.config)
+    if cfg is None:
+        return 2
+    from pgproxy.checkbackend import run
+    return run(cfg)
 
 
 def cmd_check_config(args) -> int:

@@ -169,6 +169,26 @@ class RoleRule:
 
 
 @dataclass
+class GuardSection:
+    unsafe_disable: bool = option(False, "turn the statement guard off (UNSAFE: clients can then SET ROLE, "
+                                         "rewrite identity settings, run DO blocks); logged loudly")
+
+
+@dataclass
+class PolicyRule:
+    role: str = option(REQUIRED, "the mapped database role this policy applies to")
+    read_only: bool = option(False, "refuse writes, DDL and role changes; transactions are READ ONLY in the "
+                                    "database too, so functions cannot write either")
+    allow_functions: bool = option(False, "may run DO blocks and create or alter functions, procedures, "
+                                          "triggers and extensions")
+    allowed_classes: list[str] = option([], "statement classes allowed (READ, WRITE, DDL, ROLE, FUNCTION, MISC); "
+                                            "empty: all")
+    denied_functions: list[str] = option([], "functions this role may not call (names, any schema)")
+    denied_relations: list[str] = option([], "tables and views this role may not name (name or schema.name)")
+    statement_timeout_ms: int = option(0, "statement_timeout for this role, fixed; 0: the database's")
+
+
+@dataclass
 class AuditSection:
     file: str = option(REQUIRED, "JSON-lines audit file (appended)", reloadable=False)
     parameters: str = option("full", "bound parameters in statement records: full, redacted or off")
@@ -201,6 +221,8 @@ class Config:
     roles: list[RoleRule] = option([], "identity -> role rules; the first match wins")
     log: LogSection = option(None, "diagnostic logging")
     http: HttpSection = option(None, "metrics, health and the admin API over HTTP")
+    guard: GuardSection = option(None, "the statement guard")
+    policies: list[PolicyRule] = option([], "per-role statement policy")
 
     # Filled by resolve_secrets(); never part of the file.
     backend_password: str | None = field(default=None, repr=False, compare=False)
@@ -215,6 +237,7 @@ class Config:
         self.server = self.server or ServerSection()
         self.log = self.log or LogSection()
         self.http = self.http or HttpSection()
+        self.guard = self.guard or GuardSection()
 
     def resolve_secrets(self) -> None:
         """Read secrets from their files or environment variables (the load step)."""
@@ -354,6 +377,16 @@ def _check_rules(cfg: Config, problems: list[str]) -> None:
         if mode not in ("session", "transaction"):
             problems.append(f"{key}: must be session or transaction")
     _check_tls(cfg, problems)
+    seen_roles = set()
+    for i, policy in enumerate(cfg.policies):
+        if policy.role in seen_roles:
+            problems.append(f"policies[{i}].role: {policy.role!r} has a policy already")
+        seen_roles.add(policy.role)
+        unknown = set(policy.allowed_classes) - {"READ", "WRITE", "DDL", "ROLE", "FUNCTION", "MISC"}
+        if unknown:
+            problems.append(f"policies[{i}].allowed_classes: unknown class {', '.join(sorted(unknown))}")
+        if policy.statement_timeout_ms < 0:
+            problems.append(f"policies[{i}].statement_timeout_ms: must not be negative")
     if cfg.backend.session_state not in ("pin", "refuse"):
         problems.append("backend.session_state: must be pin or refuse")
     if cfg.backend.prepared_statements < 1:

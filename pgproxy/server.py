@@ -27,6 +27,7 @@ import struct
 import time
 
 from pgproxy import control
+from pgproxy.policy.guard import READ_ONLY_SETTINGS, RolePolicy
 from pgproxy.audit import AuditLog
 from pgproxy.auth.jwt import JwtAuthenticator, looks_like_jwt
 from pgproxy.backend.connection import open_connection, send_cancel
@@ -90,6 +91,7 @@ class ProxyServer:
         self._blocked: dict[str, float] = {}  # user -> monotonic time until which logins are refused
         self._backend_ok_at = float("-inf")
         self._owns_unix_socket = False
+        _warn_if_unguarded(cfg)
 
     # --- what sessions ask of the server ---------------------------------------------
 
@@ -169,6 +171,26 @@ class ProxyServer:
                                                 self.cfg.backend_tls)
         return pool
 
+    def policy_for(self, role: str) -> tuple[RolePolicy | None, dict[str, str]]:
+        """The guard's rules for a mapped role (None: the guard is off) and the settings
+        the policy fixes in the database."""
+        if self.cfg.guard.unsafe_disable:
+            return None, {}
+        rule = next((p for p in self.cfg.policies if p.role == role), None)
+        if rule is None:
+            return RolePolicy(), {}
+        settings = {}
+        if rule.read_only:
+            settings["default_transaction_read_only"] = "on"
+        if rule.statement_timeout_ms:
+            settings["statement_timeout"] = str(rule.statement_timeout_ms)
+        locked = set(settings) | (set(READ_ONLY_SETTINGS) if rule.read_only else set())
+        return RolePolicy(read_only=rule.read_only, allow_functions=rule.allow_functions,
+                          allowed_classes=frozenset(rule.allowed_classes),
+                          denied_functions=frozenset(f.lower() for f in rule.denied_functions),
+                          denied_relations=frozenset(rule.denied_relations),
+                          locked_settings=frozenset(locked)), settings
+
     def pool_mode_for(self, database: str, role: str) -> str:
         backend = self.cfg.backend
         return backend.role_pool_modes.get(role) or backend.database_pool_modes.get(database) or backend.pool_mode
@@ -235,6 +257,7 @@ class ProxyServer:
         if blocked:
             return blocked
         self._set_authenticators(new, self.cfg)
+        _warn_if_unguarded(new)
         if new.backend != self.cfg.backend or new.backend_password != self.cfg.backend_password:
             for pool in self._pools.values():
                 pool.retire()  # idle connections close now, busy ones when returned
@@ -419,6 +442,12 @@ class ProxyServer:
             self.ldap.close()
         self.audit.close()
         log.info("stopped")
+
+
+def _warn_if_unguarded(cfg: Config) -> None:
+    if cfg.guard.unsafe_disable:
+        log.error("UNSAFE: the statement guard is off (guard.unsafe_disable = true): clients can SET ROLE to "
+                  "any role the pool role was granted and rewrite their identity settings")
 
 
 def _log_cancel_failure(task: asyncio.Task) -> None:

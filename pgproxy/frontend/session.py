@@ -11,15 +11,13 @@ States (the only transitions):
   PasswordMessage and nothing else.
 * LOGGING_IN: reading is paused while the credential is validated, the identity mapped
   to a role, a backend connection taken and switched to that role.
-* READY: the relay. Client messages are framed whole (bounded by
-  ``server.max_message_size``), checked and forwarded in one write per read. Server
-  bytes are forwarded as they come; ``ServerStreamScanner`` reads only the headers,
-  plus the bodies of CommandComplete, ErrorResponse, ReadyForQuery and ParameterStatus
-  for the audit.
+* READY: client messages are framed whole (bounded by ``server.max_message_size``) and
+  handed to the session's ``Relay`` (frontend/relay.py), which forwards them and the
+  replies, in either pool mode, and audits every statement.
 
-Every exit goes through ``connection_lost``, which hands the backend connection back
-(reused only if nothing is in flight) and logs the reason. Every error reaches the
-client through ``_fail`` as an ErrorResponse with its SQLSTATE.
+Every exit goes through ``connection_lost``, which lets the relay hand the backend
+connection back (reused only if nothing is in flight) and logs the reason. Every error
+reaches the client through ``_fail`` as an ErrorResponse with its SQLSTATE.
 """
 
 from __future__ import annotations
@@ -31,23 +29,20 @@ import secrets
 import ssl
 import struct
 import time
-from collections import deque
 
 from pgproxy.errors import (PgProxyError, ProxyFailure, insecure_transport, no_user_name, not_authorized,
                             protocol_violation, too_many_clients, unsupported)
 from pgproxy.frontend.startup import client_settings, session_settings, switch_sql, text_array
-from pgproxy.frontend.transaction import TransactionRelay
+from pgproxy.frontend.relay import Relay
 from pgproxy.protocol import messages as msg
-from pgproxy.protocol.framing import MessageReader, ServerStreamScanner, read_startup_packet
+from pgproxy.protocol.framing import MessageReader, read_startup_packet
 from pgproxy.roles import map_role
 from pgproxy.tls import certificate_common_name, feed_protocol, plaintext_allowed
 
 log = logging.getLogger("pgproxy.session")
 
-_SERVER_WANTED = b"CEZIsS"
 _CLIENT_TYPES = frozenset(b"QPBESHCDXFdcfp")
-_Q, _P, _B, _E, _S, _C, _X, _F = (ord(c) for c in "QPBESCXF")
-_sC, _sE, _sZ, _sI, _ss, _sS = (ord(c) for c in "CEZIsS")
+_X = ord("X")
 
 
 class SessionState(enum.Enum):
@@ -61,32 +56,20 @@ class SessionState(enum.Enum):
 class _Statement:
     """One statement on its way through the database, for its audit record."""
 
-    __slots__ = ("text", "params", "formats", "started", "t0", "tags", "sqlstate")
+    __slots__ = ("text", "params", "formats", "started", "t0", "tags", "sqlstate", "verdict")
 
-    def __init__(self, text: str, params=None, formats=None) -> None:
-        self.text, self.params, self.formats = text, params, formats
+    def __init__(self, text: str, params=None, formats=None, verdict=None) -> None:
+        self.text, self.params, self.formats, self.verdict = text, params, formats, verdict
         self.started, self.t0 = time.time(), time.perf_counter()
         self.tags: list[bytes] = []  # raw CommandComplete bodies; the audit writer parses them
         self.sqlstate: str | None = None
 
 
-class _Batch:
-    """The extended-protocol messages up to one Sync: its Executes, in order."""
-
-    __slots__ = ("executes", "last_parse", "open", "failed")
-
-    def __init__(self) -> None:
-        self.executes: deque[_Statement] = deque()
-        self.last_parse = ""
-        self.open = True
-        self.failed = False
-
-
 class ClientSession(asyncio.Protocol):
     # Slots: thousands of idle sessions are the memory budget (bench scenario 7).
     __slots__ = ("server", "state", "transport", "peer", "session_id", "user", "database", "role", "identity",
-                 "backend", "pool", "cancel_key", "audit_prefix", "_startup_buf", "_reader", "_scanner",
-                 "_settings", "_statements", "_portals", "_units", "_close_reason", "_auth_timer",
+                 "backend", "pool", "cancel_key", "audit_prefix", "_startup_buf", "_reader",
+                 "_settings", "_close_reason", "_auth_timer",
                  "_login_task", "connected_at", "relay", "peer_ip", "tls", "_upgrading")
 
     def __init__(self, server) -> None:
@@ -105,16 +88,12 @@ class ClientSession(asyncio.Protocol):
         self.audit_prefix = ""  # this session's members of every statement record, as JSON
         self._startup_buf = bytearray()
         self._reader = MessageReader(server.cfg.server.max_message_size)
-        self._scanner = ServerStreamScanner(_SERVER_WANTED, 1 << 20)
         self._settings: dict[str, str] = {}
-        self._statements: dict[str, tuple] = {}  # prepared statement name -> (text, parameter type OIDs)
-        self._portals: dict[str, tuple] = {}     # portal -> (text, params, formats)
-        self._units: deque = deque()             # what is waiting for a ReadyForQuery
         self._close_reason = ""
         self._auth_timer: asyncio.TimerHandle | None = None
         self._login_task: asyncio.Task | None = None
         self.connected_at = time.time()
-        self.relay: TransactionRelay | None = None  # transaction pooling's relay, once logged in
+        self.relay: Relay | None = None  # once logged in
         self.peer_ip = ""
         self.tls = None          # the ssl object once the client speaks TLS
         self._upgrading = False  # a TLS handshake is under way
@@ -154,8 +133,6 @@ class ClientSession(asyncio.Protocol):
         if self.relay is not None:
             self.relay.close(reason)
             self.backend = None
-        elif self.backend is not None:
-            self._return_backend(reason)
         self.server.forget(self)
         if self.identity is not None:
             self.server.audit.event("session_end", session=self.session_id, user=self.user, role=self.role,
@@ -189,8 +166,7 @@ class ClientSession(asyncio.Protocol):
     def activity(self) -> str:
         """The state operators see: startup, authenticating, logging_in, idle, active or closed."""
         if self.state is SessionState.READY:
-            busy = self.relay.active if self.relay is not None else self._units
-            return "active" if busy else "idle"
+            return "active" if self.relay.active else "idle"
         return self.state.value
 
     @property
@@ -401,16 +377,17 @@ class ClientSession(asyncio.Protocol):
             # Under transaction pooling a connection serves all sessions of one person with the
             # same settings without a switch, so it carries no session id.
             identity_settings["pgproxy.session_id"] = self.session_id
-        settings = session_settings(self._settings, identity_settings)
+        policy, policy_settings = server.policy_for(self.role)
+        settings = session_settings(self._settings, {**policy_settings, **identity_settings})
         person = (self.role, identity.username, identity.groups, identity.auth_method, identity.subject)
-        relay = TransactionRelay(self, pool, self.role, person, settings, server.cfg.backend) if transaction_mode else None
+        relay = Relay(self, pool, self.role, person, settings, server.cfg.backend, pooled=transaction_mode,
+                      policy=policy)
         try:
-            if self.state is not SessionState.CLOSED and (relay is None or backend.state_key != relay.key):
+            if self.state is not SessionState.CLOSED and backend.state_key != relay.key:
                 backend.switches += 1
                 await backend.run(switch_sql(self.role, settings, deallocate=True, nonce=backend.switches))
                 backend.forget_state()
-                if relay is not None:
-                    backend.state_key, backend.person = relay.key, person
+                backend.state_key, backend.person = relay.key, person
         except ProxyFailure as exc:
             # The switch runs as one implicit transaction: on error nothing was applied.
             backend.forget_state()
@@ -425,14 +402,14 @@ class ClientSession(asyncio.Protocol):
             pool.release(backend, reusable=True, reason="client left during login")
             return
         self.pool = pool
-        if relay is None:
-            self.backend = backend
-        self._finish_login(backend)
-        if relay is not None:
-            self.relay = relay
-            pool.give_back(backend)  # transaction pooling: taken again at the first statement
+        self.relay = relay
+        self._finish_login(backend, transaction_mode)
+        if transaction_mode:
+            pool.give_back(backend)  # taken again at the first statement
+        else:
+            relay.hold(backend)
 
-    def _finish_login(self, backend) -> None:
+    def _finish_login(self, backend, transaction_mode: bool) -> None:
         self.cancel_key = self.server.register_cancel(self)
         self.audit_prefix = self.server.audit.session_prefix(
             {"session": self.session_id, "user": self.user, "role": self.role, "auth_method": self.identity.auth_method})
@@ -449,11 +426,9 @@ class ClientSession(asyncio.Protocol):
                                 subject=identity.subject, issuer=identity.issuer, groups=list(identity.groups),
                                 auth_method=identity.auth_method, client=self.peer, database=self.database,
                                 application_name=self._settings.get("application_name", ""),
-                                backend_pid=backend.pid, pool_mode="session" if self.backend else "transaction")
+                                backend_pid=backend.pid, pool_mode="transaction" if transaction_mode else "session")
         log.info("session started", extra={"session": self.session_id, "user": self.user, "role": self.role,
                                            "client": self.peer, "database": self.database, "backend_pid": backend.pid})
-        if self.backend is not None:
-            backend.attach(self)
         self.transport.resume_reading()
 
     # --- READY: client -> server -------------------------------------------------------
@@ -462,27 +437,6 @@ class ClientSession(asyncio.Protocol):
         frames = self._reader.feed(data)
         if not frames:
             return
-        if self.relay is not None:
-            self._relay_pooled(frames)
-            return
-        units = self._units
-        out = []
-        for kind, raw in frames:
-            if kind == _Q:
-                units.append(_Statement(raw[5:-1].decode("utf-8", "replace")))
-            elif kind in _CLIENT_TYPES:
-                if kind == _X:
-                    self._flush(out)
-                    self._close("client sent Terminate")
-                    return
-                self._track_extended(kind, raw)
-            else:
-                self._flush(out)
-                raise protocol_violation(f"unknown message type {bytes([kind])!r}")
-            out.append(raw)
-        self._flush(out)
-
-    def _relay_pooled(self, frames: list[tuple[int, bytes]]) -> None:
         for i, (kind, _) in enumerate(frames):
             if kind == _X or kind not in _CLIENT_TYPES:
                 if i:
@@ -493,10 +447,17 @@ class ClientSession(asyncio.Protocol):
                 raise protocol_violation(f"unknown message type {bytes([kind])!r}")
         self.relay.client_frames(frames)
 
-    # Services for the transaction-pooling relay
+    # Services for the relay
 
-    def new_statement(self, text: str, params=None, formats=None) -> _Statement:
-        return _Statement(text, params, formats)
+    def new_statement(self, text: str, params=None, formats=None, verdict=None) -> _Statement:
+        return _Statement(text, params, formats, verdict)
+
+    def record_denial(self, text: str, reason: str) -> None:
+        """The guard refused a statement: it never reached the database."""
+        self.server.metrics.count("pgproxy_denials", "statement")
+        self.server.audit.event("denied", session=self.session_id, user=self.user, role=self.role,
+                                statement=text[:self.server.cfg.audit.max_statement_length], reason=reason)
+        log.info("statement refused", extra={"session": self.session_id, "user": self.user, "reason": reason})
 
     def audit_statement(self, statement: _Statement, outcome: str, backend=None) -> None:
         self._audit(statement, outcome, backend)
@@ -523,132 +484,16 @@ class ClientSession(asyncio.Protocol):
             self._fail(ProxyFailure("terminating connection due to idle-in-transaction timeout",
                                     sqlstate="25P03", severity="FATAL"))
 
-    def _flush(self, out: list[bytes]) -> None:
-        if out and self.backend is not None:
-            self.backend.write(out[0] if len(out) == 1 else b"".join(out))
-
-    def _track_extended(self, kind: int, raw: bytes) -> None:
-        units = self._units
-        if kind == _S:
-            if units and isinstance(units[-1], _Batch) and units[-1].open:
-                units[-1].open = False
-            else:
-                closed = _Batch()
-                closed.open = False
-                units.append(closed)
-            return
-        if kind == _F:
-            units.append(_Statement("<FunctionCall message>"))
-            return
-        if kind not in (_P, _B, _E, _C, ord("D"), ord("H")):
-            return  # CopyData/CopyDone/CopyFail and password messages belong to what is running
-        if not units or not isinstance(units[-1], _Batch) or not units[-1].open:
-            units.append(_Batch())
-        batch: _Batch = units[-1]
-        body = raw[5:]
-        if kind == _P:
-            parse = msg.parse_parse(body)
-            self._statements[parse.statement] = (parse.query, parse.param_types)
-            batch.last_parse = parse.query
-        elif kind == _B:
-            bind = msg.parse_bind(body)
-            text, types = self._statements.get(bind.statement, ("", ()))
-            self._portals[bind.portal] = (text, bind.params, (bind.param_formats, types))
-        elif kind == _E:
-            portal = msg.parse_execute_portal(body)
-            text, params, formats = self._portals.get(portal, ("", None, None))
-            batch.executes.append(_Statement(text, params, formats))
-        elif kind == _C:
-            what, name = msg.parse_close(body)
-            (self._statements if what == "S" else self._portals).pop(name, None)
-
-    # --- READY: server -> client -------------------------------------------------------
-
-    def server_data(self, data: bytes) -> None:
-        if self.transport is None:
-            return
-        self.transport.write(data)
-        try:
-            found = self._scanner.feed(data)
-        except PgProxyError as exc:
-            self.backend.close(f"unreadable server stream: {exc.log_detail}")
-            self._fail(ProxyFailure("server connection broken", sqlstate="08006", severity="FATAL"))
-            return
-        for kind, body, _ in found:
-            self._server_message(kind, body)
-
-    def _server_message(self, kind: int, body: bytes) -> None:
-        units = self._units
-        if kind == _sZ:
-            self.backend.txn_status = body[:1]
-            if units:
-                self._finish_unit(units.popleft())
-            return
-        if kind == _sS:
-            name, value = msg.parse_parameter_status(body)
-            self.backend.params[name] = value
-            return
-        if not units:
-            return  # e.g. a NoticeResponse-like error outside any request; nothing to attribute
-        unit = units[0]
-        if isinstance(unit, _Statement):
-            statement = unit
-        elif unit.executes and not unit.failed:
-            statement = unit.executes[0] if kind == _sE else unit.executes.popleft()
-        elif kind == _sE:
-            statement = _Statement(unit.last_parse)  # failed before any Execute (Parse, Bind)
-            unit.executes.appendleft(statement)
-        else:
-            return
-        if kind == _sC:
-            statement.tags.append(body)
-        elif kind == _sE:
-            statement.sqlstate = msg.parse_error_fields(body).get("C", "XX000")
-            if isinstance(unit, _Batch):
-                unit.failed = True
-        elif kind == _sI:
-            statement.tags.append(b"EMPTY")
-        if isinstance(unit, _Batch) and kind != _sE:
-            self._audit(statement, "suspended" if kind == _ss else "ok")
-
-    def _finish_unit(self, unit) -> None:
-        if isinstance(unit, _Statement):
-            self._audit(unit, "error" if unit.sqlstate else "ok")
-            return
-        first = True
-        for statement in unit.executes:
-            self._audit(statement, "error" if first and unit.failed else "skipped")
-            first = False
-
     def _audit(self, st: _Statement, outcome: str, backend=None) -> None:
         backend = backend or self.backend
         seconds = time.perf_counter() - st.t0
         self.server.audit.statement(self.audit_prefix, st.text, st.params, st.formats, st.tags, st.started,
-                                    seconds, outcome, st.sqlstate, backend.pid if backend else None)
-        self.server.metrics.statement(st.text, seconds, outcome)
-
-    def _pending_statements(self):
-        """Statements sent but not yet answered with ReadyForQuery."""
-        for unit in self._units:
-            yield from ([unit] if isinstance(unit, _Statement) else unit.executes)
+                                    seconds, outcome, st.sqlstate, backend.pid if backend else None, st.verdict)
+        self.server.metrics.statement(st.text, seconds, outcome, st.verdict)
 
     def server_lost(self, reason: str) -> None:
-        pending = self.relay.pending_statements() if self.relay is not None else self._pending_statements()
-        for st in pending:
+        for st in self.relay.pending_statements():
             st.sqlstate = st.sqlstate or "08006"
             self._audit(st, "connection_lost")
-        self._units.clear()
-        if self.relay is not None:
-            self.relay.pipeline.clear()
+        self.relay.pipeline.clear()
         self._close(f"server connection lost: {reason}")
-
-    # --- leaving -----------------------------------------------------------------------
-
-    def _return_backend(self, reason: str) -> None:
-        backend, pool = self.backend, self.pool
-        self.backend = None
-        reusable = not self._units and self._scanner.at_boundary
-        for st in self._pending_statements():  # still running when the client left
-            self._audit(st, "client_gone", backend)
-        pool.release(backend, reusable, reason=f"client left mid-request ({reason})" if not reusable else reason,
-                     busy=not reusable)

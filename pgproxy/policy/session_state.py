@@ -98,7 +98,7 @@ def _answered_locally(node: dict) -> Effects | None:
         return Effects(local="deallocate", name=body.get("name", ""))
     body = node.get("DiscardStmt")
     if body is not None and body.get("target") == "DISCARD_ALL":
-        return Effects(local="discard_all")
+        return Effects(local="discard_all", stale=True, deallocates=True)
     return None
 
 

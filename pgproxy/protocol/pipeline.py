@@ -141,11 +141,19 @@ class Pipeline:
         entry_kind = head.kind
         if kind == _sE and entry_kind in _EXTENDED:
             self._pop()
-            owner.failed(head, body)
-            # The server now skips every message up to the next Sync.
+            # The server now skips every message up to the next Sync. The error belongs to
+            # the statement the client ran: the failed Execute, or the first one skipped.
             queue = self._queue
+            skipped = []
             while queue and queue[0].kind != SYNC:
-                owner.skipped(self._pop())
+                skipped.append(self._pop())
+            culprit = head.statement or next((e.statement for e in skipped if e.statement is not None), None)
+            owner.failed(head, body, culprit)
+            for entry in skipped:
+                if entry.statement is not culprit or culprit is None:
+                    owner.skipped(entry)
+                else:
+                    owner.skipped_quietly(entry)
             return True
         if kind == _sE:
             head.payload = body if head.payload is None else head.payload

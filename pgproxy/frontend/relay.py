@@ -1,7 +1,8 @@
-"""Transaction pooling: one client's relay when backend connections are shared per transaction.
+"""The relay: one logged-in client's messages to PostgreSQL and the replies back.
 
-A ``TransactionRelay`` takes the place of the session's own relay once the client is
-logged in with ``pool_mode = "transaction"``. Its rules:
+One ``Relay`` per logged-in session, in both pool modes. In session pooling it holds its
+backend connection from login to the end (``pooled`` is False); in transaction pooling
+(``pool_mode = "transaction"``) it takes one per transaction. Its rules:
 
 * **Taking a connection.** Client messages that arrive with no backend connection wait
   (the client is not read meanwhile) until the pool gives one — at once when one is idle.
@@ -36,6 +37,7 @@ import time
 
 from pgproxy.errors import PgProxyError, ProxyFailure, protocol_violation
 from pgproxy.frontend.startup import guard_sql, switch_sql
+from pgproxy.policy.guard import classify
 from pgproxy.policy.session_state import session_effects
 from pgproxy.protocol import messages as msg
 from pgproxy.protocol.framing import ServerStreamScanner
@@ -49,13 +51,16 @@ _Q, _P, _B, _E, _S, _C, _D, _H, _F = (ord(c) for c in "QPBESCDHF")
 _FORWARD_ONLY = frozenset(b"dcfH")  # CopyData, CopyDone, CopyFail, Flush: no reply of their own
 
 
-class TransactionRelay:
-    __slots__ = ("session", "pool", "key", "person", "role", "settings", "backend", "pipeline", "scanner",
+class Relay:
+    __slots__ = ("pooled", "policy", "session", "pool", "key", "person", "role", "settings", "backend", "pipeline", "scanner",
                  "statements", "portals", "unnamed", "unnamed_gen", "pinned", "waiting", "switch_pending",
                  "acquiring", "txn_status", "refuse_state", "prepared_limit", "idle_since", "skipping",
                  "past_guard", "attaching")
 
-    def __init__(self, session, pool, role: str, person: tuple, settings: dict[str, str], cfg) -> None:
+    def __init__(self, session, pool, role: str, person: tuple, settings: dict[str, str], cfg,
+                 pooled: bool, policy=None) -> None:
+        self.pooled = pooled  # transaction pooling: a connection per transaction
+        self.policy = policy  # the statement guard's rules for this role; None: the guard is off
         self.session = session
         self.pool = pool
         self.role, self.person, self.settings = role, person, settings
@@ -165,7 +170,8 @@ class TransactionRelay:
                 portal = msg.parse_execute_portal(raw[5:])
                 text, params, formats = self.portals.get(portal, ("", None, None))
                 out.append(raw)
-                expect(Expected(EXECUTE, statement=self.session.new_statement(text, params, formats)))
+                verdict = classify(text) if self.policy is not None and text else None
+                expect(Expected(EXECUTE, statement=self.session.new_statement(text, params, formats, verdict)))
             elif kind == _S:
                 self.skipping = False
                 out.append(raw)
@@ -175,8 +181,11 @@ class TransactionRelay:
             elif kind == _C:
                 self._close(raw, out)
             elif kind == _F:
-                out.append(raw)
-                expect(Expected(QUERY, statement=self.session.new_statement("<FunctionCall message>")))
+                if self.policy is not None:
+                    self._refuse("<FunctionCall message>", "the FunctionCall message is not allowed", "42501", QUERY)
+                else:
+                    out.append(raw)
+                    expect(Expected(QUERY, statement=self.session.new_statement("<FunctionCall message>")))
             elif kind in _FORWARD_ONLY:
                 out.append(raw)
             else:
@@ -207,16 +216,45 @@ class TransactionRelay:
         self.switch_pending, self.past_guard = True, False
         self.session.server.metrics.count("pgproxy_identity_switches", "person" if new_person else "settings")
 
+    def _verdict(self, text: str, kind: int):
+        """The guard's verdict, or None after queueing the refusal (42501, or 42601 when
+        the text cannot be parsed). Without the guard: an empty verdict."""
+        if self.policy is None:
+            return None, True
+        verdict = classify(text)
+        reason = self.policy.refusal(verdict)
+        if reason:
+            self._refuse(text, reason, verdict.sqlstate, kind)
+            return verdict, False
+        return verdict, True
+
+    def _refuse(self, text: str, reason: str, sqlstate: str, kind: int) -> None:
+        """Answer in the statement's place; the session carries on."""
+        error = msg.error_response(ProxyFailure(f"statement refused by pgproxy: {reason}", sqlstate=sqlstate,
+                                                severity="ERROR"))
+        if kind == QUERY:
+            error += msg.ready_for_query(self.txn_status)
+        else:
+            self.skipping = True  # as PostgreSQL does after an error: ignore messages up to Sync
+        self.pipeline.expect(Expected(kind, SYNTH, payload=error))
+        self.session.record_denial(text, reason)
+
     def _query(self, raw: bytes, out: list[bytes]) -> None:
         text = raw[5:-1].decode("utf-8", "replace")
+        verdict, allowed = self._verdict(text, QUERY)
+        if not allowed:
+            return
         effects = session_effects(text)
         backend = self.backend
         if effects.local and self._answer_locally(effects):
             return
-        if effects.pin and not self._pin(effects.pin, text):
+        if effects.pin and self.pooled and not self._pin(effects.pin, text):
             return
+        if effects.local == "discard_all":  # forwarded (session pooling, or pinned): it drops them all
+            self.statements.clear()
+            self.unnamed = None
         out.append(raw)
-        self.pipeline.expect(Expected(QUERY, statement=self.session.new_statement(text)))
+        self.pipeline.expect(Expected(QUERY, statement=self.session.new_statement(text, verdict=verdict)))
         backend.unnamed_owner = None  # a simple query replaces the unnamed statement
         if effects.stale or effects.deallocates:
             backend.forget_state()
@@ -232,8 +270,8 @@ class TransactionRelay:
             self.statements.clear()
             tag = "DEALLOCATE ALL"
         else:
-            if self.pinned:
-                return False  # DISCARD ALL must really drop the session's state
+            if self.pinned or not self.pooled:
+                return False  # DISCARD ALL must really drop the session's state; the identity is re-applied
             self.statements.clear()
             self.unnamed = None
             tag = "DISCARD ALL"
@@ -261,8 +299,11 @@ class TransactionRelay:
 
     def _parse(self, raw: bytes, out: list[bytes]) -> None:
         parse = msg.parse_parse(raw[5:])
+        verdict, allowed = self._verdict(parse.query, PARSE)
+        if not allowed:
+            return
         effects = session_effects(parse.query)
-        if effects.pin and not self._pin(effects.pin, parse.query, PARSE):
+        if effects.pin and self.pooled and not self._pin(effects.pin, parse.query, PARSE):
             self.skipping = True  # as PostgreSQL does after an error: ignore messages up to Sync
             return
         if effects.stale or effects.deallocates:
@@ -377,8 +418,13 @@ class TransactionRelay:
         if pieces and transport is not None and not transport.is_closing():
             transport.write(pieces[0] if len(pieces) == 1 else b"".join(pieces))
 
+    def hold(self, backend) -> None:
+        """Session pooling: the connection is this client's until it leaves."""
+        backend.state_key, backend.person = self.key, self.person
+        self._attach(backend)
+
     def _releasable(self) -> bool:
-        return (self.txn_status == b"I" and not self.pipeline and not self.waiting and not self.pinned
+        return (self.pooled and self.txn_status == b"I" and not self.pipeline and not self.waiting and not self.pinned
                 and self.backend is not None and not self.switch_pending and not self.attaching
                 and self.scanner.at_boundary)
 
@@ -408,10 +454,10 @@ class TransactionRelay:
     def statement_error(self, statement, body: bytes) -> None:
         statement.sqlstate = msg.parse_error_fields(body).get("C", "XX000")
 
-    def failed(self, entry: Expected, body: bytes) -> None:
-        """An extended-protocol message failed; the server skips the rest up to Sync."""
+    def failed(self, entry: Expected, body: bytes, statement) -> None:
+        """An extended-protocol message failed; the server skips the rest up to Sync.
+        ``statement``: the Execute it belongs to, if the batch has one."""
         text = self._unprepare(entry)
-        statement = entry.statement
         if statement is None and entry.action in (FORWARD, QUIET) and entry.kind in (PARSE, BIND):
             statement = self.session.new_statement(text or "")
         if statement is not None:
@@ -427,6 +473,9 @@ class TransactionRelay:
                 backend.prepared.pop(key, None)
             return key[0]
         return entry.payload if isinstance(entry.payload, str) else None
+
+    def skipped_quietly(self, entry: Expected) -> None:
+        self._unprepare(entry)  # its statement was audited with the error
 
     def skipped(self, entry: Expected) -> None:
         self._unprepare(entry)
@@ -487,7 +536,7 @@ class TransactionRelay:
         self.pipeline.clear()
         if busy:
             self.pool.release(backend, False, reason=f"client left mid-request ({reason})", busy=True)
-        elif self.pinned or self.txn_status != b"I":
+        elif not self.pooled or self.pinned or self.txn_status != b"I":
             self.pool.release(backend, True, reason=reason)  # reset: the session's own state goes
         else:
             self.pool.give_back(backend)

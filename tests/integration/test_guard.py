@@ -1,0 +1,179 @@
+"""The statement guard against a corpus of identity escapes, in both pool modes, through
+the simple and the extended protocol, checked inside the database after every attempt."""
+
+from __future__ import annotations
+
+import pytest
+
+from pgproxy.protocol import messages as msg
+from tests.support.proxy import ProxyProcess, merge
+from tests.support.wire import error_fields, login
+
+# Each of these, run as alice (emea_analyst), would — without the guard — change her role
+# (other_role is granted to the pool role), rewrite her identity settings, or run code
+# that can. Every one must fail with 42501 and leave her identity untouched.
+ESCAPES = [
+    # SET / RESET ROLE and SESSION AUTHORIZATION, spelled every way the parser allows
+    "SET ROLE other_role", "set role other_role", "SeT RoLe other_role", 'SET "role" TO other_role',
+    'SET "ROLE" = other_role', "SET ROLE 'other_role'", "SET LOCAL ROLE other_role", "SET SESSION ROLE other_role",
+    "RESET ROLE", "SET ROLE NONE", "/* hi */ SET /* there */ ROLE other_role", "-- comment\nSET ROLE other_role",
+    'SET U&"\\0072ole" = other_role', 'SET U&"!0072ole" UESCAPE \'!\' = other_role',
+    "SELECT 1; SET ROLE other_role", "SET ROLE other_role; SELECT current_user",
+    "BEGIN; SET LOCAL ROLE other_role; SELECT current_user; COMMIT",
+    "SET SESSION AUTHORIZATION other_role", "SET SESSION AUTHORIZATION DEFAULT", "RESET SESSION AUTHORIZATION",
+    "SET session_authorization = other_role", "SET role = DEFAULT",
+    # set_config with role, authorization or an identity name: constants in every quoting
+    "SELECT set_config('role', 'other_role', false)", "SELECT pg_catalog.set_config('role', 'other_role', false)",
+    "select SET_CONFIG('ROLE', 'other_role', false)", "SELECT set_config('Role'::text, 'other_role', false)",
+    "SELECT set_config($$role$$, 'other_role', false)", "SELECT set_config($q$role$q$, 'other_role', true)",
+    "SELECT set_config(E'r\\x6fle', 'other_role', false)", "SELECT set_config(U&'r\\006Fle', 'other_role', false)",
+    "SELECT set_config('session_authorization', 'other_role', false)",
+    "SELECT set_config('pgproxy.user', 'mallory', false)", "SELECT set_config('PGPROXY.USER', 'mallory', false)",
+    "SELECT set_config('pgproxy.groups', '{admins}', true)", "SELECT set_config('pgproxy.auth_method', 'x', false)",
+    'SET "pgproxy.user" = mallory', "SET pgproxy.groups = '{admins}'", "RESET pgproxy.groups",
+    "SET LOCAL pgproxy.subject TO 'x'",
+    # ... or a name that is not a constant
+    "SELECT set_config(lower('ROLE'), 'other_role', false)", "SELECT set_config('ro' || 'le', 'other_role', false)",
+    "SELECT set_config(name, 'x', false) FROM pg_settings WHERE name = 'role'",
+    # ... wherever the call appears
+    "SELECT * FROM set_config('role', 'other_role', false)",
+    "SELECT 1 WHERE set_config('role', 'other_role', false) IS NOT NULL",
+    "WITH x AS (SELECT set_config('role', 'other_role', false)) SELECT * FROM x",
+    "SELECT (SELECT set_config('role', 'other_role', false))",
+    "SELECT count(*) FROM items WHERE name = set_config('pgproxy.user', 'mallory', false)",
+    "CREATE TEMP TABLE trap (a text DEFAULT set_config('role', 'other_role', false))",
+    "PREPARE trap AS SELECT set_config('role', 'other_role', false)",
+    "EXPLAIN ANALYZE SELECT set_config('role', 'other_role', false)",
+    "COPY (SELECT set_config('role', 'other_role', false)) TO STDOUT",
+    "SELECT 1; SELECT set_config('role', 'other_role', false); SELECT 2",
+    # RESET ALL / DISCARD ALL with statements after them
+    "RESET ALL; SELECT current_setting('pgproxy.user')", "DISCARD ALL; SELECT current_user",
+    # DO blocks and functions, pg_temp included
+    "DO $$BEGIN EXECUTE 'SET ROLE other_role'; END$$",
+    "do 'begin perform set_config(''role'', ''other_role'', false); end'",
+    "DO LANGUAGE plpgsql $x$BEGIN NULL; END$x$",
+    "CREATE FUNCTION pg_temp.f() RETURNS void LANGUAGE plpgsql AS $$BEGIN EXECUTE 'SET ROLE other_role'; END$$",
+    "CREATE FUNCTION pg_temp.g() RETURNS int LANGUAGE sql SET role = 'other_role' AS 'SELECT 1'",
+    'CREATE FUNCTION "pg_temp".h() RETURNS int LANGUAGE sql AS \'SELECT 1\'',
+    "CREATE OR REPLACE FUNCTION public.h() RETURNS int LANGUAGE sql AS 'SELECT 1'",
+    "CREATE PROCEDURE pg_temp.p() LANGUAGE sql AS 'SELECT 1'",
+    "ALTER FUNCTION now() SET role = other_role",
+    "CREATE EXTENSION IF NOT EXISTS plpgsql",
+]
+
+WHO = "SELECT current_user, session_user, current_setting('pgproxy.user'), current_setting('pgproxy.groups')"
+
+
+@pytest.fixture(scope="module", params=["session", "transaction"])
+def guarded(request, base_config):
+    process = ProxyProcess(merge(base_config, {"backend": {"pool_mode": request.param, "pool_size": 2}}))
+    yield process
+    assert process.stop() == 0
+
+
+def _simple(wire, sql: str) -> list:
+    wire.send(msg.query(sql))
+    return wire.read_until("Z")
+
+
+def _extended(wire, sql: str) -> list:
+    wire.send(msg.parse_message("", sql) + msg.bind_message("", "") + msg.execute_message() + msg.SYNC)
+    return wire.read_until("Z")
+
+
+def _identity(wire) -> bytes:
+    replies = _simple(wire, WHO)
+    assert [k for k, _ in replies] == ["T", "D", "C", "Z"], replies
+    return replies[1][1]
+
+
+@pytest.mark.parametrize("protocol", ["simple", "extended"])
+def test_every_escape_is_refused_and_the_identity_is_unchanged(guarded, issuer, protocol):
+    wire, replies = login(guarded.port, "alice", issuer.mint("alice", ["sales_emea"]))
+    assert replies[-1][0] == "Z"
+    before = _identity(wire)
+    assert b"emea_analyst" in before and b"alice" in before
+    send = _simple if protocol == "simple" else _extended
+    for sql in ESCAPES:
+        if protocol == "extended" and ";" in sql.replace("';'", ""):
+            continue  # several statements cannot be one Parse (PostgreSQL refuses them itself)
+        replies = send(wire, sql)
+        errors = [error_fields(body) for kind, body in replies if kind == "E"]
+        assert [e["C"] for e in errors] == ["42501"], f"{sql!r}: {replies}"
+        assert "statement refused" in errors[0]["M"]
+        assert _identity(wire) == before, f"identity changed after {sql!r}"
+    tried = {sql for sql in ESCAPES if protocol == "simple" or ";" not in sql.replace("';'", "")}
+    denied = guarded.audit(lambda r: r.get("event") == "denied" and r.get("statement") == ESCAPES[-1])
+    refused = {r["statement"] for r in denied if r.get("event") == "denied" and r.get("user") == "alice"}
+    assert tried <= refused
+
+
+def test_what_cannot_be_parsed_is_refused_with_42601(guarded, issuer):
+    wire, _ = login(guarded.port, "alice", issuer.mint("alice", ["sales_emea"]))
+    for sql in ("SET ROLE", "SELEC 1; SET ROLE other_role", "SELECT 'unterminated"):
+        errors = [error_fields(b) for k, b in _simple(wire, sql) if k == "E"]
+        assert [e["C"] for e in errors] == ["42601"], sql
+    assert b"alice" in _identity(wire)
+
+
+def test_function_call_message_is_refused(guarded, issuer):
+    wire, _ = login(guarded.port, "alice", issuer.mint("alice", ["sales_emea"]))
+    # FunctionCall of set_config (oid 2078) with role and other_role, text format.
+    args = [b"role", b"other_role", b"f"]
+    body = (2078).to_bytes(4, "big") + (0).to_bytes(2, "big") + len(args).to_bytes(2, "big")
+    body += b"".join(len(a).to_bytes(4, "big") + a for a in args) + (0).to_bytes(2, "big")
+    wire.send(msg.message(b"F", body))
+    replies = wire.read_until("Z")
+    assert [error_fields(b)["C"] for k, b in replies if k == "E"] == ["42501"]
+    assert b"emea_analyst" in _identity(wire)
+
+
+def test_ordinary_statements_pass_and_are_classified_in_the_audit(guarded, issuer):
+    wire, _ = login(guarded.port, "alice", issuer.mint("alice", ["sales_emea"]))
+    for sql in ("SELECT count(*) FROM orders", "INSERT INTO items VALUES (8801, 'guard') ON CONFLICT DO NOTHING",
+                "WITH gone AS (DELETE FROM items WHERE id = 8801 RETURNING id) SELECT count(*) FROM gone",
+                "SELECT set_config('app.tenant', 'emea', false)", "SET search_path = public", "SELECT 1; RESET ALL"):
+        assert "E" not in [k for k, _ in _simple(wire, sql)], sql
+    assert b"alice" in _identity(wire)  # RESET ALL at the end: the identity is back before the next query
+    records = {r["statement"]: r for r in guarded.audit(lambda r: r.get("statement") == "SELECT 1; RESET ALL")
+               if r.get("event") == "statement"}
+    assert records["SELECT count(*) FROM orders"]["classes"] == ["READ"]
+    assert records["SELECT count(*) FROM orders"]["relations"] == ["orders"]
+    cte = records["WITH gone AS (DELETE FROM items WHERE id = 8801 RETURNING id) SELECT count(*) FROM gone"]
+    assert cte["classes"] == ["READ", "WRITE"] and "items" in cte["relations"]
+
+
+def test_a_read_only_role_cannot_write_not_even_through_a_function(base_config, issuer, database):
+    database.psql("""
+        CREATE ROLE ai_agent NOLOGIN; GRANT ai_agent TO pgproxy_pool;
+        GRANT SELECT, INSERT, UPDATE ON items TO ai_agent;
+        CREATE FUNCTION public.sneaky_write() RETURNS int LANGUAGE sql
+            AS 'INSERT INTO items VALUES (9901, ''written by a function'') RETURNING id';
+        GRANT EXECUTE ON FUNCTION public.sneaky_write() TO ai_agent;
+    """, database="demo")
+    config = merge(base_config, {"roles": [{"group": "agents", "role": "ai_agent"}],
+                                 "policies": [{"role": "ai_agent", "read_only": True, "statement_timeout_ms": 5000}]})
+    for mode in ("session", "transaction"):
+        proxy = ProxyProcess(merge(config, {"backend": {"pool_mode": mode}}))
+        wire = None
+        try:
+            wire, _ = login(proxy.port, "robot", issuer.mint("robot", ["agents"]))
+            assert b"ai_agent" in _identity(wire)
+            for sql in ("INSERT INTO items VALUES (9900, 'agent')", "UPDATE items SET name = 'x' WHERE id = 1",
+                        "CREATE TABLE agent_table (a int)", "GRANT ai_agent TO PUBLIC",
+                        "SET default_transaction_read_only = off", "SET SESSION CHARACTERISTICS AS TRANSACTION READ WRITE",
+                        "BEGIN READ WRITE", "SELECT set_config('default_transaction_read_only', 'off', false)",
+                        "SET statement_timeout = 0"):
+                for send in (_simple, _extended):
+                    errors = [error_fields(b) for k, b in send(wire, sql) if k == "E"]
+                    assert [e["C"] for e in errors] == ["42501"], (mode, sql, errors)
+            # A function the role may execute tries to write: the database refuses (read-only transaction).
+            errors = [error_fields(b) for k, b in _simple(wire, "SELECT public.sneaky_write()") if k == "E"]
+            assert [e["C"] for e in errors] == ["25006"], errors
+            replies = _simple(wire, "SELECT current_setting('statement_timeout'), count(*) FROM items WHERE id = 9901")
+            assert b"5s" in replies[1][1] and replies[1][1].endswith(b"0")
+        finally:
+            if wire is not None:
+                wire.close()
+            assert proxy.stop() == 0
+    assert database.psql("SELECT count(*) FROM items WHERE id IN (9900, 9901)", database="demo") == "0"

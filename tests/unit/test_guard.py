@@ -1,0 +1,63 @@
+"""The guard's verdicts, pure: classes, relations, refusals, role policy and its caches."""
+
+import pytest
+
+from pgproxy.policy import guard
+from pgproxy.policy.guard import RolePolicy, classify
+
+
+@pytest.mark.parametrize("sql, classes", [
+    ("SELECT * FROM orders", ("READ",)),
+    ("INSERT INTO items VALUES (1)", ("WRITE",)),
+    ("WITH x AS (UPDATE items SET name = 'a' RETURNING id) SELECT * FROM x", ("READ", "WRITE")),
+    ("EXPLAIN ANALYZE DELETE FROM items", ("WRITE",)),
+    ("COPY items FROM STDIN", ("WRITE",)), ("COPY items TO STDOUT", ("READ",)),
+    ("CREATE TABLE t (a int)", ("DDL",)), ("ALTER TABLE t ADD COLUMN b int", ("DDL",)),
+    ("SELECT * INTO new_table FROM items", ("DDL",)),
+    ("GRANT SELECT ON items TO bob", ("ROLE",)), ("CREATE ROLE x", ("ROLE",)),
+    ("CALL proc()", ("FUNCTION",)), ("SHOW search_path", ("READ",)), ("BEGIN", ("MISC",)),
+])
+def test_classes_in_pgaudit_terms(sql, classes):
+    assert classify(sql).classes == classes
+
+
+def test_relations_are_named_with_their_schema_and_ctes_are_not_relations():
+    verdict = classify("WITH recent AS (SELECT * FROM sales.orders) SELECT * FROM recent JOIN customers USING (id)")
+    assert verdict.relations == ("customers", "sales.orders")
+
+
+def test_the_shape_cache_never_shares_a_decision_that_depends_on_a_literal():
+    assert classify("SELECT set_config('app.x', 'y', false)").refusal == ""
+    assert classify("SELECT set_config('role', 'y', false)").refusal  # same shape, other literal
+    assert classify("SELECT set_config('pgproxy.user', 'y', false)").refusal
+
+
+def test_queries_that_differ_only_in_literals_share_one_parse(monkeypatch):
+    classify("SELECT abalance FROM pgbench_accounts WHERE aid = 17")
+    calls = []
+    monkeypatch.setattr(guard, "_analyse", lambda sql: calls.append(sql))
+    assert classify("SELECT abalance FROM pgbench_accounts WHERE aid = 4242").classes == ("READ",)
+    assert classify("SELECT abalance FROM pgbench_accounts WHERE aid = 99 -- x") is None  # comments: parsed
+    assert calls == ["SELECT abalance FROM pgbench_accounts WHERE aid = 99 -- x"]
+
+
+def test_role_policy():
+    read_only = RolePolicy(read_only=True, locked_settings=frozenset(guard.READ_ONLY_SETTINGS))
+    assert read_only.refusal(classify("UPDATE items SET name = 'x'")) == "this role is read-only"
+    assert read_only.refusal(classify("SELECT 1")) == ""
+    assert "fixed by policy" in read_only.refusal(classify("SET default_transaction_read_only = off"))
+    assert "fixed by policy" in read_only.refusal(classify("BEGIN READ WRITE"))
+    assert "DO is not allowed" in RolePolicy().refusal(classify("DO $$BEGIN NULL; END$$"))
+    assert RolePolicy(allow_functions=True).refusal(classify("DO $$BEGIN NULL; END$$")) == ""
+    narrow = RolePolicy(allowed_classes=frozenset({"READ"}), denied_functions=frozenset({"pg_read_file"}),
+                        denied_relations=frozenset({"hr.salaries", "payroll"}))
+    assert "WRITE" in narrow.refusal(classify("DELETE FROM items"))
+    assert "pg_read_file" in narrow.refusal(classify("SELECT pg_catalog.pg_read_file('/etc/passwd')"))
+    assert narrow.refusal(classify("SELECT * FROM hr.salaries")) == "relation denied by policy"
+    assert narrow.refusal(classify("SELECT * FROM public.payroll")) == "relation denied by policy"
+    assert narrow.refusal(classify("SELECT * FROM orders")) == ""
+
+
+def test_unparsable_text_is_refused_with_42601():
+    verdict = classify("SELEC 1")
+    assert verdict.refusal and verdict.sqlstate == "42601"
