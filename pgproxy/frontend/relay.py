@@ -257,10 +257,25 @@ class Relay:
         self.pipeline.expect(Expected(QUERY, statement=self.session.new_statement(text, verdict=verdict)))
         backend.unnamed_owner = None  # a simple query replaces the unnamed statement
         if effects.stale or effects.deallocates:
-            backend.forget_state()
-            backend.person = None if effects.deallocates else self.person
+            self._mark_stale(effects.deallocates)
+
+    def _mark_stale(self, deallocates: bool) -> None:
+        """The statement may undo the settings we applied (RESET ALL, DISCARD): switch again
+        before the next message. DEALLOCATE ALL / DISCARD ALL also drop prepared statements."""
+        backend = self.backend
+        backend.state_key = None
+        if deallocates:
+            backend.prepared.clear()
+            backend.person = None
+            backend.unnamed_owner = None
 
     def _answer_locally(self, effects) -> bool:
+        if not self.pooled:  # session pooling keeps the client's own statement names: PostgreSQL answers
+            if effects.local == "deallocate_all":
+                self.statements.clear()
+            elif effects.local == "deallocate":
+                self.statements.pop(effects.name, None)
+            return False
         if effects.local == "deallocate":
             if effects.name not in self.statements:
                 return False  # not ours (an SQL PREPARE of a pinned session): the server decides
@@ -307,8 +322,16 @@ class Relay:
             self.skipping = True  # as PostgreSQL does after an error: ignore messages up to Sync
             return
         if effects.stale or effects.deallocates:
-            self.backend.forget_state()
+            self._mark_stale(effects.deallocates)
         key = (parse.query, parse.param_types)
+        if not self.pooled:  # session pooling: the connection is the client's, names pass unchanged
+            if parse.statement:
+                self._remember_statement(parse.statement, key)
+            else:
+                self.unnamed = key
+            out.append(raw)
+            self.pipeline.expect(Expected(PARSE, payload=(None, key)))
+            return
         if not parse.statement:
             self.unnamed = key
             self.unnamed_gen += 1
@@ -316,16 +339,19 @@ class Relay:
             out.append(raw)
             self.pipeline.expect(Expected(PARSE, payload=(None, key)))
             return
-        if parse.statement not in self.statements and len(self.statements) >= MAX_CLIENT_STATEMENTS:
-            raise ProxyFailure(f"more than {MAX_CLIENT_STATEMENTS} prepared statements in one session",
-                               sqlstate="54000", severity="FATAL")
-        self.statements[parse.statement] = key
+        self._remember_statement(parse.statement, key)
         prepared = self.backend.prepared
         if key in prepared:
             prepared.move_to_end(key)
             self.pipeline.expect(Expected(PARSE, SYNTH, payload=msg.PARSE_COMPLETE))
             return
         self._prepare(key, out, quiet=False)
+
+    def _remember_statement(self, name: str, key: tuple) -> None:
+        if name not in self.statements and len(self.statements) >= MAX_CLIENT_STATEMENTS:
+            raise ProxyFailure(f"more than {MAX_CLIENT_STATEMENTS} prepared statements in one session",
+                               sqlstate="54000", severity="FATAL")
+        self.statements[name] = key
 
     def _prepare(self, key: tuple, out: list[bytes], quiet: bool) -> str:
         """Send a Parse for ``key`` under a new name on this connection, evicting the oldest."""
@@ -363,19 +389,23 @@ class Relay:
     def _bind(self, raw: bytes, out: list[bytes]) -> None:
         body = raw[5:]
         bind = msg.parse_bind(body)
-        ours = self._statement_on_backend(bind.statement, out)
         text, types = self.statements.get(bind.statement, self.unnamed if not bind.statement else None) or ("", ())
+        self.portals[bind.portal] = (text, bind.params, (bind.param_formats, types))
+        if not self.pooled:
+            out.append(raw)
+            self.pipeline.expect(Expected(BIND, payload=text))
+            return
+        ours = self._statement_on_backend(bind.statement, out)
         if ours is None:
             ours = "pgproxy_unknown_" + bind.statement  # never one of ours, whatever the client names
         if ours != bind.statement:
             raw = msg.message(b"B", body[:body.index(0) + 1] + msg.cstr(ours) + body[bind.tail:])
         out.append(raw)
-        self.portals[bind.portal] = (text, bind.params, (bind.param_formats, types))
         self.pipeline.expect(Expected(BIND, payload=text))
 
     def _describe(self, raw: bytes, out: list[bytes]) -> None:
         what, name = msg.parse_close(raw[5:])
-        if what == "S":
+        if what == "S" and self.pooled:
             ours = self._statement_on_backend(name, out)
             if ours is None:
                 ours = "pgproxy_unknown_" + name
@@ -386,14 +416,16 @@ class Relay:
 
     def _close(self, raw: bytes, out: list[bytes]) -> None:
         what, name = msg.parse_close(raw[5:])
-        if what == "S" and name:
+        if what == "S" and name and self.pooled:
             self.statements.pop(name, None)  # the connection keeps it for reuse (LRU)
             self.pipeline.expect(Expected(CLOSE, SYNTH, payload=msg.CLOSE_COMPLETE))
             return
-        if what == "S":
-            self.unnamed = None
-        else:
+        if what == "P":
             self.portals.pop(name, None)
+        elif name:
+            self.statements.pop(name, None)
+        else:
+            self.unnamed = None
         out.append(raw)
         self.pipeline.expect(Expected(CLOSE))
 
