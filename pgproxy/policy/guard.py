@@ -13,8 +13,9 @@ subqueries, CTEs, defaults, PREPARE, EXPLAIN, COPY's query):
 * ``RESET ALL`` and ``DISCARD ALL`` unless they end the query (the proxy re-applies the
   identity before the next one; statements after them in the same query would run
   without it);
-* ``DO`` blocks, creating or altering functions and procedures (``pg_temp`` included) and
-  creating extensions, unless the role's policy allows them;
+* ``DO`` blocks, creating or altering functions and procedures (``pg_temp`` included),
+  extensions, triggers, casts, operators and aggregates, and calling functions that run SQL
+  given as text (``query_to_xml``, ``ts_stat``, ``dblink``), unless the role's policy allows them;
 * anything the parser cannot parse (42601; fail closed).
 
 Verdicts are cached by text (bounded LRU) and, for statements whose verdict does not
@@ -32,6 +33,8 @@ from typing import NamedTuple
 
 from pglast.parser import ParseError, parse_sql_json
 
+from pgproxy.policy import dict_nodes
+
 CACHE_SIZE = 20_000
 IDENTITY_NAMESPACE = "pgproxy."
 ROLE_SETTINGS = frozenset({"role", "session_authorization"})
@@ -44,7 +47,12 @@ _DDL_PREFIXES = ("Create", "Alter", "Drop", "Rename", "Comment", "Index", "View"
                  "RefreshMatView", "SecLabel", "ImportForeignSchema", "CompositeType")
 _CODE_NODES = frozenset({"DoStmt", "CreateFunctionStmt", "AlterFunctionStmt", "CreateExtensionStmt",
                          "AlterExtensionStmt", "AlterExtensionContentsStmt", "CreateTrigStmt", "CreateEventTrigStmt",
-                         "CreatePLangStmt", "CreateTransformStmt"})
+                         "CreatePLangStmt", "CreateTransformStmt", "DefineStmt", "CreateCastStmt",
+                         "CreateConversionStmt", "CreateOpClassStmt"})
+# Built-in and common extension functions that run SQL given as text: dynamic SQL, which
+# the guard cannot see into (query_to_xml('SELECT set_config(''role'', ...)')).
+SQL_RUNNING_FUNCTIONS = frozenset({"query_to_xml", "query_to_xmlschema", "query_to_xml_and_xmlschema", "ts_stat",
+                                   "dblink", "dblink_exec", "dblink_open", "dblink_send_query"})
 
 
 class Verdict(NamedTuple):
@@ -184,22 +192,13 @@ class _Walk:
         self.classes.add(_statement_class(kind, body))
 
     def visit(self, tree) -> None:
-        stack = [tree]
-        while stack:
-            node = stack.pop()
-            if isinstance(node, list):
-                stack.extend(node)
-                continue
-            if not isinstance(node, dict):
-                continue
+        for node in dict_nodes(tree):
             if "relname" in node:  # a RangeVar, tagged or inline (INSERT/UPDATE/DELETE ... relation)
                 name, schema = node["relname"], node.get("schemaname")
                 self.relations.add(f"{schema}.{name}" if schema else name)
             for kind, body in node.items():
-                if not isinstance(body, dict):
-                    continue
-                self._node(kind, body)
-            stack.extend(node.values())
+                if isinstance(body, dict):
+                    self._node(kind, body)
 
     def _node(self, kind: str, body: dict) -> None:
         if kind == "CommonTableExpr":
@@ -239,6 +238,8 @@ class _Walk:
         names = [n.get("String", {}).get("sval", "") for n in body.get("funcname", [])]
         name = names[-1].lower() if names else ""
         self.functions.add(name)
+        if name in SQL_RUNNING_FUNCTIONS:
+            self.code = self.code or f"{name}() (it runs SQL given as text)"
         if name != "set_config":
             return
         self.literal_sensitive = True
@@ -274,7 +275,9 @@ def _code_name(kind: str, body: dict) -> str:
     if kind in ("CreateExtensionStmt", "AlterExtensionStmt", "AlterExtensionContentsStmt"):
         return "CREATE EXTENSION" if kind == "CreateExtensionStmt" else "ALTER EXTENSION"
     return {"CreateTrigStmt": "CREATE TRIGGER", "CreateEventTrigStmt": "CREATE EVENT TRIGGER",
-            "CreatePLangStmt": "CREATE LANGUAGE", "CreateTransformStmt": "CREATE TRANSFORM"}[kind]
+            "CreatePLangStmt": "CREATE LANGUAGE", "CreateTransformStmt": "CREATE TRANSFORM",
+            "DefineStmt": "CREATE AGGREGATE/OPERATOR/TYPE", "CreateCastStmt": "CREATE CAST",
+            "CreateConversionStmt": "CREATE CONVERSION", "CreateOpClassStmt": "CREATE OPERATOR CLASS"}[kind]
 
 
 def _statement_class(kind: str, body: dict) -> str:

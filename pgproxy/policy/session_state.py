@@ -21,6 +21,8 @@ from typing import NamedTuple
 
 from pglast.parser import ParseError, parse_sql_json
 
+from pgproxy.policy import dict_nodes
+
 CACHE_SIZE = 20_000
 CURSOR_OPT_HOLD = 0x0020  # PostgreSQL's parsenodes.h
 SESSION_LOCKS = frozenset({"pg_advisory_lock", "pg_advisory_lock_shared",
@@ -120,14 +122,7 @@ def _statement_pin(kind: str, body: dict) -> str:
 
 def _expression_pin(tree) -> str:
     """Temporary objects, session advisory locks and session-level set_config, anywhere."""
-    stack = [tree]
-    while stack:
-        node = stack.pop()
-        if isinstance(node, list):
-            stack.extend(node)
-            continue
-        if not isinstance(node, dict):
-            continue
+    for node in dict_nodes(tree):
         if node.get("relpersistence") == "t" or node.get("schemaname") == "pg_temp":
             return "temporary object"
         call = node.get("FuncCall")
@@ -142,7 +137,6 @@ def _expression_pin(tree) -> str:
         names = node.get("funcname")
         if isinstance(names, list) and any(_sval(n) == "pg_temp" for n in names):
             return "temporary object"
-        stack.extend(node.values())
     return ""
 
 

@@ -59,6 +59,11 @@ ESCAPES = [
     "CREATE PROCEDURE pg_temp.p() LANGUAGE sql AS 'SELECT 1'",
     "ALTER FUNCTION now() SET role = other_role",
     "CREATE EXTENSION IF NOT EXISTS plpgsql",
+    "CREATE AGGREGATE pg_temp.agg (int) (SFUNC = int4pl, STYPE = int)",
+    # functions that run SQL given as text
+    "SELECT query_to_xml('SELECT set_config(''role'', ''other_role'', false)', true, true, '')",
+    "SELECT * FROM ts_stat('SELECT to_tsvector(set_config(''role'', ''other_role'', false))')",
+    "SELECT pg_catalog.query_to_xmlschema('SELECT 1', true, true, '')",
 ]
 
 WHO = "SELECT current_user, session_user, current_setting('pgproxy.user'), current_setting('pgproxy.groups')"
@@ -106,6 +111,18 @@ def test_every_escape_is_refused_and_the_identity_is_unchanged(guarded, issuer, 
     denied = guarded.audit(lambda r: r.get("event") == "denied" and r.get("statement") == ESCAPES[-1])
     refused = {r["statement"] for r in denied if r.get("event") == "denied" and r.get("user") == "alice"}
     assert tried <= refused
+
+
+def test_turning_the_guard_off_is_logged_loudly(base_config, issuer):
+    proxy = ProxyProcess(merge(base_config, {"guard": {"unsafe_disable": True}}))
+    try:
+        assert "UNSAFE: the statement guard is off" in proxy.log()
+        wire, _ = login(proxy.port, "alice", issuer.mint("alice", ["sales_emea"]))
+        assert "E" not in [k for k, _ in _simple(wire, "SET ROLE other_role")]  # what the guard prevents
+        assert b"other_role" in _identity(wire)
+        wire.close()
+    finally:
+        assert proxy.stop() == 0
 
 
 def test_what_cannot_be_parsed_is_refused_with_42601(guarded, issuer):

@@ -179,3 +179,21 @@ def test_pins_and_switches_are_counted_in_metrics(make_proxy, issuer):
     text = scrape(http_port)
     assert value(text, "pgproxy_pins_total", reason="LISTEN", result="pinned") == 1
     assert value(text, "pgproxy_identity_switches_total", kind="person") >= 2
+
+
+def test_startup_settings_follow_each_client_across_a_shared_connection(one_connection, issuer):
+    alice = psycopg.connect(one_connection.dsn("alice", options="'-c TimeZone=UTC -c search_path=public'"),
+                            password=issuer.mint("alice", ["sales_emea"]), autocommit=True)
+    bob = psycopg.connect(one_connection.dsn("bob", options="'-c TimeZone=Asia/Tokyo -c DateStyle=German'"),
+                          password=issuer.mint("bob", ["sales_amer"]), autocommit=True)
+    with alice, bob:
+        assert _pid(alice) == _pid(bob)
+        assert alice.info.parameter_status("TimeZone") == "UTC"  # ParameterStatus at login: their own
+        assert bob.info.parameter_status("TimeZone") == "Asia/Tokyo"
+        for _ in range(3):
+            assert alice.execute("SELECT current_setting('TimeZone'), current_setting('DateStyle')").fetchone() == (
+                "UTC", "ISO, MDY")
+            assert bob.execute("SELECT current_setting('TimeZone'), current_setting('DateStyle')").fetchone() == (
+                "Asia/Tokyo", "German, DMY")
+        assert alice.info.parameter_status("TimeZone") == "UTC"  # the switches' reports never reach them
+        assert bob.info.parameter_status("DateStyle") == "German, DMY"
