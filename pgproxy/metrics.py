@@ -55,8 +55,8 @@ SERIES: dict[str, tuple] = {
                                              "(person) or settings (settings)", ("kind",)),
 }
 
-# The first keyword decides the class (pgaudit's names). Statements that start with WITH
-# or EXPLAIN count as READ even when they write; the statement guard (pglast) refines this.
+# With the guard off there is no parse: the first keyword decides the class (pgaudit's
+# names), so statements that start with WITH or EXPLAIN count as READ even when they write.
 _CLASS_BY_KEYWORD = {
     **dict.fromkeys(("SELECT", "VALUES", "TABLE", "WITH", "SHOW", "EXPLAIN", "FETCH", "MOVE"), "READ"),
     **dict.fromkeys(("INSERT", "UPDATE", "DELETE", "MERGE", "TRUNCATE", "COPY"), "WRITE"),
