@@ -36,6 +36,7 @@ log = logging.getLogger("pgproxy.supervisor")
 RESTART_DELAY_S = 0.5
 WAKE_INTERVAL_S = 0.5  # how often the supervisor looks for dead workers without a signal
 MISSED_PINGS_LIMIT = 2
+KILL_GRACE_S = 5.0  # on stop: after shutdown_timeout_s and this, workers still alive are killed
 
 
 class Supervisor:
@@ -46,6 +47,7 @@ class Supervisor:
         self.stopping = False
         self.failed = False
         self._missed_pings: dict[int, int] = {}  # worker index -> pings in a row without answer
+        self._kill_after = float("inf")  # stopping: workers still alive then are killed
 
     def run(self) -> int:
         self._check_addresses()
@@ -76,6 +78,11 @@ class Supervisor:
             if watchdog_s and time.monotonic() >= next_ping:
                 next_ping = time.monotonic() + watchdog_s
                 self._ping_workers(min(watchdog_s, control.TIMEOUT_S))
+            if self.stopping and time.monotonic() > self._kill_after:
+                self._kill_after = float("inf")
+                for pid, index in list(self.workers.items()):  # stuck (stopped, or a hung loop)
+                    log.error("worker did not stop in time; killing it", extra={"worker": index, "pid": pid})
+                    os.kill(pid, signal.SIGKILL)
         if self.cfg.server.unix_socket_dir:
             from pgproxy import server
             server.inherited_unix_socket.close()
@@ -139,6 +146,7 @@ class Supervisor:
     def handle_stop(self, signum, _frame) -> None:
         if not self.stopping:
             sd_notify("STOPPING=1", "STATUS=draining sessions")
+            self._kill_after = time.monotonic() + self.cfg.server.shutdown_timeout_s + KILL_GRACE_S
         self.stopping = True
         self._signal_workers(signum)
 

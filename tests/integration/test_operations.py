@@ -200,6 +200,10 @@ def test_watchdog_restarts_a_stuck_worker_and_keeps_telling_systemd(base_config,
     proxy = ProxyProcess(merge(base_config, {"server": {"workers": 2}}),
                          env={**os.environ, "NOTIFY_SOCKET": notify_path, "WATCHDOG_USEC": "1000000"})
     try:
+        # The port answers as soon as one worker listens: wait until both are ready, or the
+        # worker we stop may be one the supervisor is still waiting for.
+        while b"READY=1" not in inbox.recv(4096):
+            pass
         children = Path(f"/proc/{proxy.process.pid}/task/{proxy.process.pid}/children").read_text().split()
         stuck = int(children[0])
         os.kill(stuck, signal.SIGSTOP)  # an event loop that no longer runs
@@ -216,4 +220,25 @@ def test_watchdog_restarts_a_stuck_worker_and_keeps_telling_systemd(base_config,
                 assert conn.execute("SELECT 1").fetchone() == (1,)
     finally:
         assert proxy.stop() == 0
+        inbox.close()
+
+
+def test_a_worker_that_cannot_stop_is_killed_after_the_shutdown_timeout(base_config, tmp_path):
+    notify_path = str(tmp_path / "notify.sock")
+    inbox = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    inbox.bind(notify_path)
+    inbox.settimeout(10)
+    proxy = ProxyProcess(merge(base_config, {"server": {"workers": 2, "shutdown_timeout_s": 1.0}}),
+                         env={**os.environ, "NOTIFY_SOCKET": notify_path})
+    try:
+        while b"READY=1" not in inbox.recv(4096):
+            pass
+        children = Path(f"/proc/{proxy.process.pid}/task/{proxy.process.pid}/children").read_text().split()
+        os.kill(int(children[0]), signal.SIGSTOP)
+        started = time.monotonic()
+        code = proxy.stop(timeout=30)
+        assert time.monotonic() - started < 15
+        assert code == 1  # the supervisor reports that a worker had to be killed
+        assert "worker did not stop in time; killing it" in proxy.log()
+    finally:
         inbox.close()
