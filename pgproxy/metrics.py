@@ -114,10 +114,9 @@ class Metrics:
     def statement(self, text: str, seconds: float, outcome: str, verdict=None) -> None:
         """Per statement, on the hot path: kept to dict lookups (≈ 0.5 µs). The guard's
         verdict gives the class; without it (guard off) the first keyword does."""
-        kind = verdict.classes[0] if verdict is not None and len(verdict.classes) == 1 else None
-        if verdict is not None and kind is None:
-            kind = "WRITE" if "WRITE" in verdict.classes else verdict.classes[0] if verdict.classes else "MISC"
-        if kind is None:
+        if verdict is not None:  # one class per statement: WRITE wins (WITH ... DELETE ... SELECT)
+            kind = "WRITE" if "WRITE" in verdict.classes else (verdict.classes or ("MISC",))[0]
+        else:
             kind = self._classes.get(text)
         if kind is None:
             kind = statement_class(text)

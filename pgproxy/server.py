@@ -91,6 +91,7 @@ class ProxyServer:
         self._blocked: dict[str, float] = {}  # user -> monotonic time until which logins are refused
         self._backend_ok_at = float("-inf")
         self._owns_unix_socket = False
+        self._policies: dict[str, tuple] = {}  # role -> policy_for(role), for this configuration
         _warn_if_unguarded(cfg)
 
     # --- what sessions ask of the server ---------------------------------------------
@@ -173,7 +174,14 @@ class ProxyServer:
 
     def policy_for(self, role: str) -> tuple[RolePolicy | None, dict[str, str]]:
         """The guard's rules for a mapped role (None: the guard is off) and the settings
-        the policy fixes in the database."""
+        the policy fixes in the database. One object per role and configuration, shared by
+        its sessions (thousands of idle sessions each hold one)."""
+        cached = self._policies.get(role)
+        if cached is None:
+            cached = self._policies[role] = self._build_policy(role)
+        return cached
+
+    def _build_policy(self, role: str) -> tuple[RolePolicy | None, dict[str, str]]:
         if self.cfg.guard.unsafe_disable:
             return None, {}
         rule = next((p for p in self.cfg.policies if p.role == role), None)
@@ -258,6 +266,7 @@ class ProxyServer:
             return blocked
         self._set_authenticators(new, self.cfg)
         _warn_if_unguarded(new)
+        self._policies = {}
         if new.backend != self.cfg.backend or new.backend_password != self.cfg.backend_password:
             for pool in self._pools.values():
                 pool.retire()  # idle connections close now, busy ones when returned

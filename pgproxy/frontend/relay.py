@@ -52,7 +52,7 @@ _FORWARD_ONLY = frozenset(b"dcfH")  # CopyData, CopyDone, CopyFail, Flush: no re
 
 
 class Relay:
-    __slots__ = ("pooled", "policy", "session", "pool", "key", "person", "role", "settings", "backend", "pipeline", "scanner",
+    __slots__ = ("pooled", "policy", "session", "pool", "key", "person", "role", "backend", "pipeline", "scanner",
                  "statements", "portals", "unnamed", "unnamed_gen", "pinned", "waiting", "switch_pending",
                  "acquiring", "txn_status", "refuse_state", "prepared_limit", "idle_since", "skipping",
                  "past_guard", "attaching")
@@ -63,7 +63,9 @@ class Relay:
         self.policy = policy  # the statement guard's rules for this role; None: the guard is off
         self.session = session
         self.pool = pool
-        self.role, self.person, self.settings = role, person, settings
+        self.role, self.person = role, person
+        # Whose role and settings a connection must carry for this client (the settings are
+        # read back from it for a switch; no second copy is kept).
         self.key = (person, tuple(sorted(settings.items())))
         self.backend = None
         self.pipeline = Pipeline(self)
@@ -140,16 +142,15 @@ class Relay:
         expect = self.pipeline.expect
         sync_after_first = False
         if frames and backend.state_key != self.key:
+            self._switch(backend, out)
             first_kind, first_raw = frames[0]
             if first_kind == _Q and session_effects(first_raw[5:-1].decode("utf-8", "replace")).copy_in:
-                # COPY FROM STDIN ignores Sync: the guard could not be ended after it. Switch
-                # first; the COPY follows when the guard has answered (one round trip).
-                self._switch(backend, out)
+                # COPY FROM STDIN ignores Sync: the guard could not be ended after it. The
+                # COPY follows when the guard has answered (one round trip).
                 out.append(msg.SYNC)
                 expect(Expected(SYNC, SWALLOW))
                 self.past_guard = True
             else:
-                self._switch(backend, out)
                 sync_after_first = first_kind in (_Q, _F)
         for i, (kind, raw) in enumerate(frames):
             if self.skipping and kind != _S:
@@ -204,7 +205,7 @@ class Relay:
         backend.switches += 1
         nonce = backend.switches
         new_person = backend.person != self.person
-        out.append(msg.query(switch_sql(self.role, self.settings, deallocate=new_person, nonce=nonce)))
+        out.append(msg.query(switch_sql(self.role, dict(self.key[1]), deallocate=new_person, nonce=nonce)))
         self.pipeline.expect(Expected(QUERY, SWITCH))
         out += [msg.parse_message("", guard_sql(nonce)), msg.bind_message("", ""), msg.execute_message()]
         self.pipeline.expect(Expected(PARSE, SWITCH))
@@ -229,15 +230,19 @@ class Relay:
         return verdict, True
 
     def _refuse(self, text: str, reason: str, sqlstate: str, kind: int) -> None:
-        """Answer in the statement's place; the session carries on."""
-        error = msg.error_response(ProxyFailure(f"statement refused by pgproxy: {reason}", sqlstate=sqlstate,
-                                                severity="ERROR"))
+        self._answer_error(f"statement refused by pgproxy: {reason}", sqlstate, kind)
+        self.session.record_denial(text, reason)
+
+    def _answer_error(self, message: str, sqlstate: str, kind: int) -> None:
+        """An ErrorResponse in the statement's place; the session carries on. A simple
+        query gets its ReadyForQuery; in the extended protocol the messages up to Sync
+        are dropped, as PostgreSQL does after an error."""
+        error = msg.error_response(ProxyFailure(message, sqlstate=sqlstate, severity="ERROR"))
         if kind == QUERY:
             error += msg.ready_for_query(self.txn_status)
         else:
-            self.skipping = True  # as PostgreSQL does after an error: ignore messages up to Sync
+            self.skipping = True
         self.pipeline.expect(Expected(kind, SYNTH, payload=error))
-        self.session.record_denial(text, reason)
 
     def _query(self, raw: bytes, out: list[bytes]) -> None:
         text = raw[5:-1].decode("utf-8", "replace")
@@ -248,7 +253,7 @@ class Relay:
         backend = self.backend
         if effects.local and self._answer_locally(effects):
             return
-        if effects.pin and self.pooled and not self._pin(effects.pin, text):
+        if effects.pin and self.pooled and not self._pin(effects.pin, QUERY):
             return
         if effects.local == "discard_all":  # forwarded (session pooling, or pinned): it drops them all
             self.statements.clear()
@@ -295,17 +300,13 @@ class Relay:
         self.pipeline.expect(Expected(QUERY, SYNTH, payload=reply))
         return True
 
-    def _pin(self, reason: str, text: str, kind: int = QUERY) -> bool:
+    def _pin(self, reason: str, kind: int) -> bool:
         """Pin the client to its connection; False if refused (the error is queued)."""
         if self.pinned:
             return True
         if self.refuse_state:
-            error = msg.error_response(ProxyFailure(
-                f"{reason} outlives the transaction; not allowed with transaction pooling",
-                sqlstate="0A000", severity="ERROR"))
-            if kind == QUERY:
-                error += msg.ready_for_query(self.txn_status)
-            self.pipeline.expect(Expected(kind, SYNTH, payload=error))
+            self._answer_error(f"{reason} outlives the transaction; not allowed with transaction pooling",
+                               "0A000", kind)
             self.session.record_pin(reason, refused=True)
             return False
         self.pinned = reason
@@ -318,8 +319,7 @@ class Relay:
         if not allowed:
             return
         effects = session_effects(parse.query)
-        if effects.pin and self.pooled and not self._pin(effects.pin, parse.query, PARSE):
-            self.skipping = True  # as PostgreSQL does after an error: ignore messages up to Sync
+        if effects.pin and self.pooled and not self._pin(effects.pin, PARSE):
             return
         if effects.stale or effects.deallocates:
             self._mark_stale(effects.deallocates)
@@ -451,8 +451,8 @@ class Relay:
             transport.write(pieces[0] if len(pieces) == 1 else b"".join(pieces))
 
     def hold(self, backend) -> None:
-        """Session pooling: the connection is this client's until it leaves."""
-        backend.state_key, backend.person = self.key, self.person
+        """Session pooling: the connection (switched to this client at login) is its own
+        until it leaves."""
         self._attach(backend)
 
     def _releasable(self) -> bool:

@@ -459,14 +459,9 @@ class ClientSession(asyncio.Protocol):
                                 statement=text[:self.server.cfg.audit.max_statement_length], reason=reason)
         log.info("statement refused", extra={"session": self.session_id, "user": self.user, "reason": reason})
 
-    def audit_statement(self, statement: _Statement, outcome: str, backend=None) -> None:
-        self._audit(statement, outcome, backend)
-
     def audit_local(self, tag: str) -> None:
         """A statement the proxy answered itself (DEALLOCATE, DISCARD ALL under transaction pooling)."""
-        statement = _Statement(tag)
-        statement.tags.append(tag.encode())
-        self.server.audit.statement(self.audit_prefix, tag, None, None, statement.tags, statement.started,
+        self.server.audit.statement(self.audit_prefix, tag, None, None, [tag.encode()], time.time(),
                                     0.0, "answered_by_proxy", None, None)
 
     def record_pin(self, reason: str, refused: bool) -> None:
@@ -484,7 +479,7 @@ class ClientSession(asyncio.Protocol):
             self._fail(ProxyFailure("terminating connection due to idle-in-transaction timeout",
                                     sqlstate="25P03", severity="FATAL"))
 
-    def _audit(self, st: _Statement, outcome: str, backend=None) -> None:
+    def audit_statement(self, st: _Statement, outcome: str, backend=None) -> None:
         backend = backend or self.backend
         seconds = time.perf_counter() - st.t0
         self.server.audit.statement(self.audit_prefix, st.text, st.params, st.formats, st.tags, st.started,
@@ -494,6 +489,6 @@ class ClientSession(asyncio.Protocol):
     def server_lost(self, reason: str) -> None:
         for st in self.relay.pending_statements():
             st.sqlstate = st.sqlstate or "08006"
-            self._audit(st, "connection_lost")
+            self.audit_statement(st, "connection_lost")
         self.relay.pipeline.clear()
         self._close(f"server connection lost: {reason}")

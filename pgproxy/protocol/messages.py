@@ -215,7 +215,6 @@ class Bind:
     tail: int  # where the body continues after the statement name (to rename the statement)
 
 
-_H = struct.Struct("!h")
 
 
 def parse_bind(body: bytes) -> Bind:
@@ -225,13 +224,13 @@ def parse_bind(body: bytes) -> Bind:
         portal_end = body.index(0)
         statement_end = body.index(0, portal_end + 1)
         pos = statement_end + 1
-        (n_formats,) = _H.unpack_from(body, pos)
+        (n_formats,) = _I16.unpack_from(body, pos)
         pos += 2
         if n_formats < 0:
             raise protocol_violation("negative count")
         formats = list(struct.unpack_from(f"!{n_formats}h", body, pos)) if n_formats else []
         pos += 2 * n_formats
-        (n_params,) = _H.unpack_from(body, pos)
+        (n_params,) = _I16.unpack_from(body, pos)
         pos += 2
         if n_params < 0:
             raise protocol_violation("negative count")

@@ -10,7 +10,6 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -21,7 +20,7 @@ from pgproxy.metrics import SERIES
 from pgproxy.pgcluster import free_port
 from tests.support.ops import http_get, scrape, value
 from tests.support.proxy import ProxyProcess, merge
-from tests.support.wire import Wire, error_fields, login, login_error
+from tests.support.wire import error_fields, login, login_error
 
 ROOT = Path(__file__).resolve().parents[2]
 TOKEN = "test-admin-token-0123456789"
