@@ -77,25 +77,26 @@ class RolePolicy:
     locked_settings: frozenset = field(default_factory=frozenset)  # set by the policy; clients may not change them
 
     def refusal(self, verdict: Verdict) -> str:
+        """Why this role may not run the statement; "" if it may. On every statement:
+        each rule costs nothing unless the policy sets it."""
         if verdict.refusal:
             return verdict.refusal
         if verdict.code and not self.allow_functions:
             return f"{verdict.code} is not allowed for this role"
-        if self.read_only and {"WRITE", "DDL", "ROLE"} & set(verdict.classes):
+        if self.read_only and not _WRITING_CLASSES.isdisjoint(verdict.classes):
             return "this role is read-only"
-        if self.allowed_classes and not set(verdict.classes) <= self.allowed_classes:
+        if self.allowed_classes and not self.allowed_classes.issuperset(verdict.classes):
             return f"statement class {', '.join(sorted(set(verdict.classes) - self.allowed_classes))} is not allowed"
-        locked = self.locked_settings & set(verdict.settings)
-        if locked:
-            return f"setting {', '.join(sorted(locked))} is fixed by policy"
-        denied = self.denied_functions & set(verdict.functions)
-        if denied:
-            return f"function {', '.join(sorted(denied))} is denied"
+        if self.locked_settings and not self.locked_settings.isdisjoint(verdict.settings):
+            return f"setting {', '.join(sorted(self.locked_settings & set(verdict.settings)))} is fixed by policy"
+        if self.denied_functions and not self.denied_functions.isdisjoint(verdict.functions):
+            return f"function {', '.join(sorted(self.denied_functions & set(verdict.functions)))} is denied"
         if self.denied_relations and self.denied_relations & _relation_names(verdict.relations):
             return "relation denied by policy"
         return ""
 
 
+_WRITING_CLASSES = frozenset({"WRITE", "DDL", "ROLE"})
 UNRESTRICTED = RolePolicy(allow_functions=True)
 
 
@@ -111,7 +112,6 @@ _by_text: OrderedDict[str, Verdict] = OrderedDict()
 _by_shape: OrderedDict[str, Verdict] = OrderedDict()
 _STRING = re.compile(r"'(?:[^']|'')*'")
 _NUMBER = re.compile(r"\b\d+(?:\.\d+)?\b")
-_UNSAFE_TO_BLANK = re.compile(r"[$\\\"]|--|/\*|u&", re.IGNORECASE)
 
 
 def _remember(cache: OrderedDict, key: str, verdict: Verdict) -> None:
@@ -124,8 +124,8 @@ def _shape(sql: str) -> str | None:
     """The text with string and number literals blanked, when that is sound: no dollar
     quoting, backslashes, comments, quoted identifiers or Unicode escapes, which could
     hide where a literal starts or ends."""
-    if _UNSAFE_TO_BLANK.search(sql):
-        return None
+    if "$" in sql or "\\" in sql or '"' in sql or "--" in sql or "/*" in sql or "u&" in sql or "U&" in sql:
+        return None  # chained "in" tests: a regex here cost 1 µs more
     return _NUMBER.sub("0", _STRING.sub("''", sql))
 
 
