@@ -1,4 +1,4 @@
-"""Command line: serve, check-config, demo, dev-token, admin, hash-secret."""
+"""Command line: serve, check-config, demo, dev-token, admin, hash-secret, identity-key, identity-sql."""
 
 from __future__ import annotations
 
@@ -48,9 +48,17 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("hash-secret", help="hash a service account secret (read from stdin) for the accounts file")
     backend = sub.add_parser("check-backend", help="report database setups that let a person leave their identity")
     backend.add_argument("-c", "--config", required=True)
+    ikey = sub.add_parser("identity-key", help="write a new key for signing the identity settings ([identity])")
+    ikey.add_argument("file")
+    ikey.add_argument("--force", action="store_true", help="replace an existing key file")
+    isql = sub.add_parser("identity-sql", help="print the SQL that installs pgproxy.person() for the configured key")
+    isql.add_argument("-c", "--config", required=True)
+    isql.add_argument("--owner", default=None, metavar="ROLE",
+                      help="role to own the schema, key table and functions (default: the one running the SQL)")
     args = parser.parse_args(argv)
     return {"serve": cmd_serve, "check-config": cmd_check_config, "demo": cmd_demo, "dev-token": cmd_dev_token,
-            "admin": cmd_admin, "hash-secret": cmd_hash_secret, "check-backend": cmd_check_backend}[args.command](args)
+            "admin": cmd_admin, "hash-secret": cmd_hash_secret, "check-backend": cmd_check_backend,
+            "identity-key": cmd_identity_key, "identity-sql": cmd_identity_sql}[args.command](args)
 
 
 def cmd_check_backend(args) -> int:
@@ -85,16 +93,21 @@ def cmd_serve(args) -> int:
     if cfg is None:
         return 1
     setup_logging(cfg.log.level, cfg.log.format)
-    if cfg.server.workers > 1:
-        from pgproxy.supervisor import Supervisor
-        return Supervisor(cfg, args.config).run()
     from pgproxy.notify import sd_notify
+    from pgproxy.supervisor import StartupError, Supervisor, check_startup
 
     def ready(server) -> None:
         addresses = ", ".join(f"{h}:{p}" for h, p in server.addresses)
         sd_notify("READY=1", f"STATUS=listening on {addresses}")
 
-    run_event_loop(serve_until_signalled(cfg, on_ready=ready, config_path=args.config))
+    try:
+        check_startup(cfg)  # here, never in a worker: see pgproxy/supervisor.py
+        if cfg.server.workers > 1:
+            return Supervisor(cfg, args.config).run()
+        run_event_loop(serve_until_signalled(cfg, on_ready=ready, config_path=args.config))
+    except StartupError as exc:  # the operator's mistake, not ours: one line, no traceback
+        log.error(str(exc))
+        return 1
     return 0
 
 
@@ -111,7 +124,11 @@ async def serve_until_signalled(cfg, on_ready=None, worker: tuple[int, int] = (0
     """Serve until SIGTERM/SIGINT; SIGHUP reloads ``config_path``.
     ``worker``: (index, supervisor pid) when one of several."""
     from pgproxy.server import ProxyServer
-    server = ProxyServer(cfg, worker_index=worker[0], group=worker[1])
+    from pgproxy.supervisor import StartupError
+    try:
+        server = ProxyServer(cfg, worker_index=worker[0], group=worker[1])
+    except OSError as exc:  # e.g. the audit file, if it changed since check_startup
+        raise StartupError(f"cannot start: {exc}") from None
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -121,7 +138,10 @@ async def serve_until_signalled(cfg, on_ready=None, worker: tuple[int, int] = (0
         if early_sighup["pending"]:  # a reload asked for while this process was starting
             early_sighup["pending"] = False
             reload_config(server, config_path)
-    await server.start()
+    try:
+        await server.start()
+    except OSError as exc:  # the listeners say which address; this is the HTTP port or a socket
+        raise StartupError(f"cannot start: {exc}") from None
     if on_ready:
         on_ready(server)
     await stop.wait()
@@ -187,6 +207,57 @@ def cmd_hash_secret(_args) -> int:
         print("error: use a secret of at least 16 characters (e.g. `openssl rand -base64 24`)", file=sys.stderr)
         return 1
     print(hash_secret(secret))
+    return 0
+
+
+def cmd_identity_key(args) -> int:
+    """A new random key, readable by its owner only; an existing file only with --force."""
+    from pgproxy.signed_identity import encode_key, generate_key
+    path = Path(args.file)
+    if path.exists() and not args.force:
+        print(f"error: {path} exists; pass --force to replace it (then install the new key with identity-sql "
+              "and reload the proxy)", file=sys.stderr)
+        return 1
+    # Written under a temporary name (0600 from its creation), then linked into place, so no
+    # reader ever sees half a key; without --force link() also keeps a file that appeared meanwhile.
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except OSError as exc:
+        print(f"error: cannot write {temporary}: {exc.strerror}", file=sys.stderr)
+        return 1
+    try:
+        with os.fdopen(fd, "w") as fh:
+            fh.write(encode_key(generate_key()))
+        if args.force:
+            os.replace(temporary, path)
+        else:
+            os.link(temporary, path)
+    except OSError as exc:
+        print(f"error: cannot write {path}: {exc.strerror}", file=sys.stderr)
+        return 1
+    finally:
+        temporary.unlink(missing_ok=True)
+    print(f"wrote a new identity signing key to {path}", file=sys.stderr)
+    return 0
+
+
+def cmd_identity_sql(args) -> int:
+    """The install SQL on stdout, for ``| psql -v ON_ERROR_STOP=1 -U postgres -d <database>``."""
+    from pgproxy.signed_identity import install_sql
+    cfg = _load_or_report(args.config)
+    if cfg is None:
+        return 1
+    if cfg.identity_key is None:
+        print("error: identity.signing_key_file is not set (make a key with `pgproxy identity-key FILE`)",
+              file=sys.stderr)
+        return 1
+    try:
+        sql = install_sql(cfg.identity_key, args.owner)
+    except ValueError as exc:
+        print(f"error: --owner: {exc}", file=sys.stderr)
+        return 2
+    sys.stdout.write(sql)
     return 0
 
 

@@ -71,13 +71,21 @@ class ServerSection:
 
 @dataclass
 class BackendSection:
-    user: str = option(REQUIRED, "the pool login role: NOINHERIT, granted every mapped role", reloadable=False)
+    user: str = option(REQUIRED, "login = pool_role: the pool login role, NOINHERIT, granted every mapped role; "
+                                 "per_role: only /readyz and check-backend log in as it (grant it nothing)",
+                       reloadable=False)
+    login: str = option("pool_role", "how backend connections log in: pool_role (as user, then SET ROLE to the "
+                                     "mapped role) or per_role (as the mapped role itself, one pool per database "
+                                     "and role: SQL past the guard can reach no other role)")
+    role_secrets_file: str = option("", "login = per_role: TOML file of role = \"password\" lines (not group- or "
+                                        "world-readable), for roles the server asks a password of")
     host: str = option("127.0.0.1", "PostgreSQL host name, address, or Unix-socket directory", reloadable=False)
     port: int = option(5432, "PostgreSQL port", reloadable=False)
     password_file: str = option("", "file holding the pool role's password (first line)")
     password_env: str = option("", "environment variable holding the pool role's password")
     databases: list[str] = option([], "databases clients may ask for; empty allows any")
-    pool_size: int = option(20, "backend connections per database at most")
+    pool_size: int = option(20, "backend connections per pool at most: per database (login = pool_role), per "
+                                "database and role (per_role)")
     connect_timeout_s: float = option(5.0, "seconds to connect and log in to PostgreSQL")
     acquire_timeout_s: float = option(30.0, "seconds a client waits for a free backend connection (then 53300)")
     idle_timeout_s: float = option(600.0, "idle backend connections older than this are closed")
@@ -107,15 +115,24 @@ class JwtSection:
     audience: str = option(REQUIRED, "expected 'aud'")
     jwks_url: str = option("", "JWKS address; empty means OIDC discovery at {issuer}/.well-known/openid-configuration")
     algorithms: list[str] = option(["RS256", "PS256", "ES256", "EdDSA"], "signature algorithms accepted; never 'none'")
-    username_claim: str = option("preferred_username", "claim that must equal the startup user name")
-    username_case_insensitive: bool = option(False, "compare the user name and the claim case-insensitively")
+    username_claim: str = option("preferred_username", "claim that must equal the startup user name; its value "
+                                                       "is the identity")
+    username_case_insensitive: bool = option(False, "accept the startup user name in any case; the identity is "
+                                                    "then the claim's spelling")
     groups_claim: str = option("groups", "claim holding the list of groups")
     leeway_s: float = option(30.0, "clock skew allowed for exp, nbf and iat")
     shared_secret_file: str = option("", "file with an HMAC secret; only then may HS* algorithms be listed")
     shared_secret_env: str = option("", "environment variable with that HMAC secret")
     ca_file: str = option("", "CA bundle for the IdP's HTTPS; empty uses the system store")
     http_timeout_s: float = option(5.0, "seconds for one discovery or JWKS request")
-    jwks_refresh_min_interval_s: float = option(30.0, "an unknown 'kid' refetches the keys at most this often")
+    jwks_refresh_min_interval_s: float = option(30.0, "the keys are refetched at most this often (unknown 'kid', "
+                                                      "failed refresh, a short Cache-Control max-age)")
+    jwks_refresh_interval_s: float = option(300.0, "a fetched key set is trusted this long at most (less if the "
+                                                   "JWKS's Cache-Control max-age says so), then refetched")
+    jwks_failure_grace_s: float = option(300.0, "when refetching fails, the old keys serve this much longer; "
+                                                "after that logins with JWTs are refused (28000) (0-3600)")
+    max_token_lifetime_s: float = option(0.0, "refuse tokens whose exp - iat exceeds this (iat then required); "
+                                              "0: no limit")
     token_cache_size: int = option(10_000, "validated tokens remembered until shortly before they expire")
     databases: list[str] = option([], "databases whose clients may log in with a JWT; empty: all")
 
@@ -140,6 +157,10 @@ class LdapSection:
     nested_groups: bool = option(False, "groups = search: also the groups that contain those groups (depth 8)")
     group_name: str = option("cn", "a group's name for [[roles]]: cn or dn")
     deny_filter: str = option("", "users matching this filter are refused, e.g. (employeeType=contractor)")
+    username_attribute: str = option("uid", "the entry's attribute holding the user name (sAMAccountName for "
+                                            "Active Directory); its value is the identity")
+    username_case_insensitive: bool = option(False, "accept the startup user name in any case; the identity is "
+                                                    "then the directory's spelling")
     cache_ttl_s: float = option(30.0, "a successful login is reused this long (at most 60 s)")
     failure_cache_s: float = option(2.0, "a failed login is remembered this long (at most 10 s)")
     max_concurrency: int = option(16, "directory operations at once (threads)")
@@ -172,6 +193,14 @@ class RoleRule:
 class GuardSection:
     unsafe_disable: bool = option(False, "turn the statement guard off (UNSAFE: clients can then SET ROLE, "
                                          "rewrite identity settings, run DO blocks); logged loudly")
+    allowed_functions: list[str] = option([], "functions every role may call besides PostgreSQL's known-safe "
+                                              "built-ins: name (any schema) or schema.name (only so qualified)")
+
+
+@dataclass
+class IdentitySection:
+    signing_key_file: str = option("", "file with the key (pgproxy identity-key) that signs the identity settings "
+                                       "into pgproxy.signature for pgproxy.person(); empty: no signature")
 
 
 @dataclass
@@ -179,8 +208,10 @@ class PolicyRule:
     role: str = option(REQUIRED, "the mapped database role this policy applies to")
     read_only: bool = option(False, "refuse writes, DDL and role changes; transactions are READ ONLY in the "
                                     "database too, so functions cannot write either")
-    allow_functions: bool = option(False, "may run DO blocks and create or alter functions, procedures, "
-                                          "triggers and extensions")
+    allow_functions: bool = option(False, "may run DO blocks, create or alter functions, procedures, "
+                                          "triggers and extensions, and call any function")
+    allowed_functions: list[str] = option([], "functions this role may call besides the built-ins and "
+                                              "guard.allowed_functions: name (any schema) or schema.name")
     allowed_classes: list[str] = option([], "statement classes allowed (READ, WRITE, DDL, ROLE, FUNCTION, MISC); "
                                             "empty: all")
     denied_functions: list[str] = option([], "functions this role may not call (names, any schema)")
@@ -204,6 +235,46 @@ class LogSection:
 
 
 @dataclass
+class AuditSinkRule:
+    """One [[audit_sinks]] entry: the audit trail also goes to syslog or a PostgreSQL table
+    (pgproxy/audit_sinks.py; the options of the other type stay unset)."""
+    type: str = option(REQUIRED, "syslog or postgresql")
+    name: str = option("", "the sink's name in logs and metrics; empty: <type>-<index>")
+    format: str = option("json", "each record as json (the audit file's line), ocsf (OCSF 1.5 JSON) or cef "
+                                 "(ArcSight CEF; syslog only)")
+    on_failure: str = option("refuse", "while the sink is unhealthy (queue full, receiver unreachable): refuse "
+                                       "(fail closed, as for the audit file) or continue (the file only)")
+    queue_size: int = option(10_000, "records waiting for this sink; past it records are dropped for this sink "
+                                     "and it is unhealthy")
+    instance: str = option("", "this pgproxy's name in every record the sink sends; empty: the host name")
+    timeout_s: float = option(5.0, "seconds to connect, and to deliver one batch")
+    transport: str = option("tcp", "syslog: udp, tcp (RFC 6587 octet counting), tls (RFC 5425) or unix "
+                                   "(a local datagram socket)")
+    address: str = option("", "syslog: host:port for udp, tcp and tls; a socket path for unix (empty: /dev/log)")
+    facility: str = option("local0", "syslog: facility name (kern, user, auth, authpriv, audit, local0-local7, ...)")
+    severity: str = option("info", "syslog: severity of ordinary records (emerg ... debug)")
+    failure_severity: str = option("warning", "syslog: severity of refused logins and statements, failed "
+                                              "statements and admin actions")
+    app_name: str = option("pgproxy", "syslog: APP-NAME of every message")
+    sd_id: str = option("pgproxy@32473", "syslog: SD-ID of the structured data (name@enterprise-number; 32473 is "
+                                         "the documentation number, use your own)")
+    max_message_size: int = option(65_000, "syslog: longer messages are cut, marked truncated=\"true\" "
+                                           "(udp: at most 65507)")
+    ca_file: str = option("", "syslog tls: CA bundle the receiver's certificate must chain to; empty: system store")
+    cert_file: str = option("", "syslog tls: client certificate (PEM) offered to the receiver")
+    key_file: str = option("", "syslog tls: its private key")
+    host: str = option("", "postgresql: host name, address or Unix-socket directory")
+    port: int = option(5432, "postgresql: port")
+    database: str = option("", "postgresql: database holding the table")
+    user: str = option("", "postgresql: login role; it needs INSERT on the table and nothing else")
+    password_file: str = option("", "postgresql: file holding the role's password (first line)")
+    password_env: str = option("", "postgresql: environment variable holding it")
+    table: str = option("pgproxy_audit", "postgresql: table (or schema.table) the records are copied into")
+    sslmode: str = option("disable", "postgresql: disable, require, verify-ca or verify-full")
+    sslrootcert: str = option("", "postgresql: CA bundle for verify-ca and verify-full")
+
+
+@dataclass
 class HttpSection:
     listen: str = option("", "host:port for /metrics, /healthz, /readyz and /admin; empty: no HTTP port",
                          reloadable=False)
@@ -223,13 +294,18 @@ class Config:
     http: HttpSection = option(None, "metrics, health and the admin API over HTTP")
     guard: GuardSection = option(None, "the statement guard")
     policies: list[PolicyRule] = option([], "per-role statement policy")
+    identity: IdentitySection = option(None, "signed identity settings (pgproxy.person())")
+    audit_sinks: list[AuditSinkRule] = option([], "where else the audit trail goes: [[audit_sinks]] "
+                                                  "(syslog, postgresql)", reloadable=False)
 
     # Filled by resolve_secrets(); never part of the file.
     backend_password: str | None = field(default=None, repr=False, compare=False)
+    role_passwords: dict[str, str] = field(default_factory=dict, repr=False, compare=False)  # role_secrets_file
     jwt_shared_secret: bytes | None = field(default=None, repr=False, compare=False)
     admin_token: str | None = field(default=None, repr=False, compare=False)
     ldap_bind_password: str | None = field(default=None, repr=False, compare=False)
     service_accounts: dict | None = field(default=None, repr=False, compare=False)
+    identity_key: bytes | None = field(default=None, repr=False, compare=False)  # signs pgproxy.signature
     client_tls: object = field(default=None, repr=False, compare=False)   # ssl.SSLContext, by load_tls()
     backend_tls: object = field(default=None, repr=False, compare=False)
 
@@ -238,12 +314,15 @@ class Config:
         self.log = self.log or LogSection()
         self.http = self.http or HttpSection()
         self.guard = self.guard or GuardSection()
+        self.identity = self.identity or IdentitySection()
 
     def resolve_secrets(self) -> None:
         """Read secrets from their files or environment variables (the load step)."""
         problems: list[str] = []
         self.backend_password = _read_secret(self.backend.password_file, self.backend.password_env,
                                              "backend", problems)
+        if self.backend.role_secrets_file:
+            self.role_passwords = _read_role_secrets(self.backend.role_secrets_file, problems)
         jwt = self.auth.jwt
         if jwt and (jwt.shared_secret_file or jwt.shared_secret_env):
             secret = _read_secret(jwt.shared_secret_file, jwt.shared_secret_env, "auth.jwt.shared_secret", problems)
@@ -260,6 +339,12 @@ class Config:
                                         "http.admin_token", problems)
         if self.admin_token is not None and len(self.admin_token) < 16:
             problems.append("http.admin_token: use at least 16 characters")
+        if self.identity.signing_key_file:
+            from pgproxy.signed_identity import KeyFileError, load_key
+            try:
+                self.identity_key = load_key(self.identity.signing_key_file)
+            except KeyFileError as exc:
+                problems.append(f"identity.signing_key_file: {exc}")
         if problems:
             raise ConfigError(problems)
 
@@ -278,6 +363,31 @@ def _read_secret(path: str, env: str, where: str, problems: list[str]) -> str | 
             return None
         return os.environ[env]
     return None
+
+
+def _read_role_secrets(path: str, problems: list[str]) -> dict[str, str]:
+    """``role = "password"`` lines. Problems name the file and the role, never a value (a TOML
+    parse error names only a line and column)."""
+    where = "backend.role_secrets_file"
+    try:
+        with open(path, "rb") as fh:
+            if os.fstat(fh.fileno()).st_mode & 0o077:
+                problems.append(f"{where}: {path!r} must be readable by its owner only (chmod 600)")
+                return {}
+            table = tomllib.load(fh)
+    except OSError as exc:
+        problems.append(f"{where}: cannot read {path!r}: {exc.strerror}")
+        return {}
+    except tomllib.TOMLDecodeError as exc:
+        problems.append(f"{where}: {path!r} is not valid TOML: {exc}")
+        return {}
+    passwords = {}
+    for role, password in table.items():
+        if not isinstance(password, str) or not password:
+            problems.append(f"{where}: the password of role {role!r} must be a non-empty string")
+        else:
+            passwords[role] = password
+    return passwords
 
 
 # --- the declarative engine --------------------------------------------------------
@@ -377,6 +487,8 @@ def _check_rules(cfg: Config, problems: list[str]) -> None:
         if mode not in ("session", "transaction"):
             problems.append(f"{key}: must be session or transaction")
     _check_tls(cfg, problems)
+    from pgproxy.audit_sinks import check_rules as _check_audit_sinks  # the sinks' own rules
+    _check_audit_sinks(cfg.audit_sinks, problems)
     seen_roles = set()
     for i, policy in enumerate(cfg.policies):
         if policy.role in seen_roles:
@@ -387,6 +499,10 @@ def _check_rules(cfg: Config, problems: list[str]) -> None:
             problems.append(f"policies[{i}].allowed_classes: unknown class {', '.join(sorted(unknown))}")
         if policy.statement_timeout_ms < 0:
             problems.append(f"policies[{i}].statement_timeout_ms: must not be negative")
+    if cfg.backend.login not in ("pool_role", "per_role"):
+        problems.append("backend.login: must be pool_role or per_role")
+    elif cfg.backend.role_secrets_file and cfg.backend.login != "per_role":
+        problems.append("backend.role_secrets_file: only used with login = per_role")
     if cfg.backend.session_state not in ("pin", "refuse"):
         problems.append("backend.session_state: must be pin or refuse")
     if cfg.backend.prepared_statements < 1:
@@ -474,6 +590,16 @@ def _check_jwt(jwt: JwtSection, problems: list[str]) -> None:
         problems.append("auth.jwt.leeway_s: must be between 0 and 300")
     if jwt.token_cache_size < 0:
         problems.append("auth.jwt.token_cache_size: must not be negative")
+    if jwt.jwks_refresh_min_interval_s < 0:
+        problems.append("auth.jwt.jwks_refresh_min_interval_s: must not be negative")
+    if not 0 < jwt.jwks_refresh_interval_s <= 86_400:
+        problems.append("auth.jwt.jwks_refresh_interval_s: must be greater than zero and at most 86400")
+    elif jwt.jwks_refresh_interval_s < jwt.jwks_refresh_min_interval_s:
+        problems.append("auth.jwt.jwks_refresh_interval_s: must not be less than jwks_refresh_min_interval_s")
+    if not 0 <= jwt.jwks_failure_grace_s <= 3600:
+        problems.append("auth.jwt.jwks_failure_grace_s: must be between 0 and 3600")
+    if jwt.max_token_lifetime_s < 0:
+        problems.append("auth.jwt.max_token_lifetime_s: must not be negative")
 
 
 def _check_ldap(ldap: LdapSection, problems: list[str]) -> None:
@@ -513,6 +639,8 @@ def _check_ldap(ldap: LdapSection, problems: list[str]) -> None:
         problems.append(f"{where}.cache_ttl_s: must be between 0 and 60")
     if not 0 <= ldap.failure_cache_s <= 10:
         problems.append(f"{where}.failure_cache_s: must be between 0 and 10")
+    if not re.fullmatch(r"[A-Za-z][A-Za-z0-9-]*|[0-9]+(\.[0-9]+)+", ldap.username_attribute):
+        problems.append(f"{where}.username_attribute: not an attribute name")
     if ldap.timeout_s <= 0 or ldap.max_concurrency <= 0:
         problems.append(f"{where}: timeout_s and max_concurrency must be greater than zero")
 

@@ -2,7 +2,8 @@
 
 The schema shows identity passthrough: two people in different IdP groups query the
 same ``orders`` table and row-level security shows each only their region; ``notes``
-is filtered by ``current_setting('pgproxy.user')``, the person rather than the role.
+is filtered by the person rather than the role: ``pgproxy.person()``, the signed
+``pgproxy.user`` (see pgproxy/signed_identity.py), which a forged setting cannot pass.
 Ctrl-C stops everything and removes the temporary data.
 """
 
@@ -20,7 +21,8 @@ from pgproxy.auth.devissuer import DevIssuer
 from pgproxy.cli import DEMO_STATE, run_event_loop, serve_until_signalled
 from pgproxy.config import load_config
 from pgproxy.logs import setup_logging
-from pgproxy.pgcluster import PgCluster
+from pgproxy.pgcluster import PgCluster, peer_map
+from pgproxy.signed_identity import encode_key, generate_key, install_sql
 
 POOL_ROLE = "pgproxy_pool"
 
@@ -49,15 +51,41 @@ GRANT SELECT, INSERT ON notes TO emea_analyst, amer_analyst;
 GRANT USAGE ON SEQUENCE notes_id_seq TO emea_analyst, amer_analyst;
 """
 
+# After install_sql() in database demo: it needs the key, so it is a step of its own
+# (tests/conftest.py runs SCHEMA only). (SELECT ...) evaluates the function once per
+# statement, not once per row.
+SIGNED_SCHEMA = """
+ALTER TABLE notes ALTER COLUMN author SET DEFAULT pgproxy.person();
+ALTER POLICY own_notes ON notes USING (author = (SELECT pgproxy.person()))
+  WITH CHECK (author = (SELECT pgproxy.person()));
+"""
+
+# backend.login = per_role: each backend connection logs in as the mapped role itself, by
+# peer authentication over the cluster's Unix socket (pg_ident.conf maps the OS user running
+# the demo to each role). The roles log in without a password, so only through that map; the
+# pool role (only /readyz would use it) is granted nothing.
+MAPPED_ROLES = ["emea_analyst", "amer_analyst"]
+PER_ROLE_SQL = """
+ALTER ROLE emea_analyst LOGIN;
+ALTER ROLE amer_analyst LOGIN;
+REVOKE emea_analyst, amer_analyst FROM {pool};
+"""
+
+
+def demo_cluster() -> PgCluster:
+    logins = ",".join([POOL_ROLE, *MAPPED_ROLES])
+    return PgCluster(local_hba=[f"local all {logins} peer map=pgproxy"], ident=peer_map([POOL_ROLE, *MAPPED_ROLES]))
+
+
 CONFIG = """
 [server]
 listen = ["127.0.0.1:{port}"]
 
 [backend]
-host = "127.0.0.1"
+host = "{pg_socket_dir}"
 port = {pg_port}
 user = "{pool}"
-password_file = "{password_file}"
+login = "per_role"
 pool_size = 10
 
 [auth.jwt]
@@ -74,6 +102,9 @@ role = "emea_analyst"
 group = "sales_amer"
 role = "amer_analyst"
 
+[identity]
+signing_key_file = "{key_file}"
+
 [audit]
 file = "{audit}"
 """
@@ -84,17 +115,21 @@ def run_demo(port: int) -> int:
     cluster = issuer = None
     try:
         print("starting a throwaway PostgreSQL ...", file=sys.stderr)
-        cluster = PgCluster().start()
-        password = secrets.token_urlsafe(18)
+        cluster = demo_cluster().start()
+        password = secrets.token_urlsafe(18)  # never used: the pool role logs in by peer too
         cluster.psql(SCHEMA.format(pool=POOL_ROLE, password=password))
+        cluster.psql(PER_ROLE_SQL.format(pool=POOL_ROLE))
+        key = generate_key()
+        cluster.psql(install_sql(key) + SIGNED_SCHEMA, database="demo")
+        key_file = work / "identity.key"
+        key_file.touch(0o600)
+        key_file.write_text(encode_key(key))
         issuer = DevIssuer().start()
-        password_file = work / "pool-password"
-        password_file.write_text(password + "\n")
-        password_file.chmod(0o600)
         audit = work / "audit.jsonl"
         config_path = work / "pgproxy.toml"
-        config_path.write_text(CONFIG.format(port=port, pg_port=cluster.port, pool=POOL_ROLE,
-                                             password_file=password_file, issuer=issuer.url, audit=audit))
+        config_path.write_text(CONFIG.format(port=port, pg_port=cluster.port, pg_socket_dir=cluster.socket_dir,
+                                             pool=POOL_ROLE, issuer=issuer.url, audit=audit,
+                                             key_file=key_file))
         DEMO_STATE.write_text(json.dumps({"issuer": issuer.url, "pid": os.getpid()}))
         cfg = load_config(config_path)
         setup_logging("warning")
@@ -136,6 +171,9 @@ alice is in group sales_emea, bob in sales_amer; both query the same table:
   PGPASSWORD=$({pgproxy} dev-token alice --groups sales_emea) psql {alice} -c "SELECT * FROM orders"
   PGPASSWORD=$({pgproxy} dev-token bob --groups sales_amer) psql {bob} -c "SELECT * FROM orders"
   PGPASSWORD=$({pgproxy} dev-token alice --groups sales_emea) psql {alice} -c "SELECT current_user, current_setting('pgproxy.user')"
+
+The notes table is private to each person: its policy reads pgproxy.person(), the
+signed pgproxy.user, so a forged set_config('pgproxy.user', ...) sees nothing.
 
 Every statement is audited under the person:  tail -f {audit}
 Press Ctrl-C to stop and remove everything.

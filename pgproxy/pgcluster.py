@@ -3,11 +3,14 @@
 Used by ``pgproxy demo``, the tests and the benchmark. PostgreSQL refuses to run as
 root, so when we are root the cluster runs as an unprivileged user (``postgres`` if it
 exists, else ``nobody``). The superuser ``postgres`` logs in over the Unix socket
-without a password; TCP logins on loopback use SCRAM-SHA-256.
+without a password; TCP logins on loopback use SCRAM-SHA-256. ``hba``, ``local_hba`` and
+``ident`` replace those rules (peer and cert maps, ``backend.login = per_role``), and
+``use_tls`` turns on TLS with a given certificate.
 """
 
 from __future__ import annotations
 
+import getpass
 import glob
 import os
 import pwd
@@ -44,7 +47,8 @@ def free_port() -> int:
 
 class PgCluster:
     def __init__(self, port: int | None = None, settings: dict[str, str] | None = None,
-                 hba: list[str] | None = None) -> None:
+                 hba: list[str] | None = None, local_hba: list[str] | None = None,
+                 ident: list[str] | None = None) -> None:
         self.bindir = find_bindir()
         self.port = port or free_port()
         self.dir = Path(tempfile.mkdtemp(prefix="pgproxy-pg-"))
@@ -52,6 +56,10 @@ class PgCluster:
         self.socket_dir = self.dir / "sock"
         self.settings = settings or {}
         self.hba = hba  # TCP lines of pg_hba.conf in place of initdb's (local logins stay trusted)
+        # Unix-socket lines, after the superuser's trust line and before everyone else's (e.g.
+        # "local all emea_analyst peer map=pgproxy"), and the lines of pg_ident.conf.
+        self.local_hba = local_hba or []
+        self.ident = ident or []
         self._user = unprivileged_user()
         if self._user is not None:
             os.chown(self.dir, self._user.pw_uid, self._user.pw_gid)
@@ -75,11 +83,31 @@ class PgCluster:
                 "logging_collector": "off", "log_connections": "off", **self.settings}
         with open(self.data / "postgresql.conf", "a") as fh:
             fh.writelines(f"{k} = {v}\n" for k, v in conf.items())
-        if self.hba is not None:
-            (self.data / "pg_hba.conf").write_text("\n".join(["local all all trust", *self.hba]) + "\n")
+        if self.hba is not None or self.local_hba:
+            tcp = self.hba if self.hba is not None else ["host all all 127.0.0.1/32 scram-sha-256"]
+            lines = ["local all postgres trust", *self.local_hba, "local all all trust", *tcp]
+            (self.data / "pg_hba.conf").write_text("\n".join(lines) + "\n")
+        if self.ident:
+            (self.data / "pg_ident.conf").write_text("\n".join(self.ident) + "\n")
         self._run([str(self.bindir / "pg_ctl"), "-D", str(self.data), "-l", str(self.dir / "postgres.log"),
                    "-w", "-t", "60", "start"])
         return self
+
+    def use_tls(self, cert: Path, key: Path, client_ca: Path | None = None) -> None:
+        """Before start: ssl = on with this certificate; with ``client_ca``, client certificates
+        chaining to it are verified (pg_hba ``cert`` logins). Copies the files where the
+        server's user owns them (PostgreSQL refuses a key others can read)."""
+        settings = {"ssl": "on"}
+        for source, name, setting in ((cert, "server.pem", "ssl_cert_file"), (key, "server.key", "ssl_key_file"),
+                                      (client_ca, "client-ca.pem", "ssl_ca_file")):
+            if source is None:
+                continue
+            target = self.dir / name
+            shutil.copy(source, target)
+            target.chmod(0o600)
+            self.give(target)
+            settings[setting] = f"'{target}'"
+        self.settings.update(settings)
 
     def give(self, path: Path) -> None:
         """Make a file the server's own (a TLS key must belong to the user the server runs as)."""
@@ -108,6 +136,20 @@ class PgCluster:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+def this_os_user() -> str:
+    """The name PostgreSQL's peer authentication sees for processes of this user (pg_ident.conf)."""
+    try:
+        return pwd.getpwuid(os.geteuid()).pw_name
+    except KeyError:
+        return getpass.getuser()
+
+
+def peer_map(roles: list[str], map_name: str = "pgproxy") -> list[str]:
+    """pg_ident.conf lines letting this OS user log in as each of ``roles`` (peer ... map=)."""
+    user = this_os_user()
+    return [f"{map_name} {user} {role}" for role in roles]
 
 
 def unprivileged_user() -> pwd.struct_passwd | None:

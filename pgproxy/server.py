@@ -34,10 +34,13 @@ from pgproxy.backend.connection import open_connection, send_cancel
 from pgproxy.backend.pool import Pool
 from pgproxy.config import HMAC_ALGORITHMS, Config, parse_listen, restart_only_changes
 from pgproxy.errors import AuthUnavailable, PgProxyError, auth_failed, blocked_by_operator, shutting_down, terminated_by_operator
+from pgproxy.errors import backend_unavailable
+from pgproxy import signed_identity
 from pgproxy.frontend.session import ClientSession
+from pgproxy.frontend.startup import text_array
 from pgproxy.metrics import Metrics
 from pgproxy.notify import sd_notify
-from pgproxy.supervisor import cancel_socket_name
+from pgproxy.supervisor import StartupError, bind_failure, cancel_socket_name
 
 log = logging.getLogger("pgproxy.server")
 
@@ -56,19 +59,45 @@ def unix_socket_path(cfg: Config) -> str:
 
 
 def bind_unix_socket(cfg: Config) -> socket.socket:
-    """<unix_socket_dir>/.s.PGSQL.<port>, as PostgreSQL names it, so psql -h <dir> finds it."""
+    """<unix_socket_dir>/.s.PGSQL.<port>, as PostgreSQL names it, so psql -h <dir> finds it.
+
+    Once per start (the supervisor binds it for its workers). A socket file that accepts
+    connections belongs to a live process, which keeps it; one that refuses them was left
+    by a process that did not stop cleanly, and is replaced."""
     path = unix_socket_path(cfg)
     try:
         if stat.S_ISSOCK(os.lstat(path).st_mode):
-            os.unlink(path)  # left by a process that did not stop cleanly
+            if _unix_socket_answers(path):
+                raise StartupError(f"another process already listens on {path}; stop it or choose another "
+                                   "server.unix_socket_dir")
+            os.unlink(path)
     except FileNotFoundError:
         pass
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    sock.bind(path)
-    os.chmod(path, 0o777)  # like PostgreSQL's unix_socket_permissions: authentication decides
-    sock.listen(1024)
+    try:
+        sock.bind(path)
+        os.chmod(path, 0o777)  # like PostgreSQL's unix_socket_permissions: authentication decides
+        sock.listen(1024)
+    except OSError as exc:
+        sock.close()
+        raise StartupError(f"cannot listen on {path}: {exc.strerror}; fix server.unix_socket_dir") from None
     sock.setblocking(False)
     return sock
+
+
+def _unix_socket_answers(path: str) -> bool:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        probe.settimeout(1.0)
+        try:
+            probe.connect(path)  # the owner sees a connection that ends before its startup packet
+        except (ConnectionRefusedError, FileNotFoundError):
+            return False
+        except (BlockingIOError, socket.timeout):
+            return True  # alive, with a full backlog
+        except OSError as exc:  # cannot tell: leave it alone
+            raise StartupError(f"cannot tell whether another process listens on {path}: {exc.strerror}; "
+                               "remove it or choose another server.unix_socket_dir") from None
+    return True
 
 
 class ProxyServer:
@@ -81,7 +110,7 @@ class ProxyServer:
         self.metrics = Metrics()
         self.jwt = self.ldap = self.service_accounts = None
         self._set_authenticators(cfg)
-        self._pools: dict[str, Pool] = {}
+        self._pools: dict[tuple[str, str | None], Pool] = {}  # (database, role; None with login = pool_role)
         self._sessions: set[ClientSession] = set()
         self._cancel_keys: dict[int, ClientSession] = {}
         self._listeners: list[asyncio.AbstractServer] = []
@@ -101,6 +130,9 @@ class ProxyServer:
             return False
         self._sessions.add(session)
         return True
+
+    def sessions(self):
+        return iter(self._sessions)
 
     def forget(self, session: ClientSession) -> None:
         self._sessions.discard(session)
@@ -165,11 +197,20 @@ class ProxyServer:
             return False
         return until is not None
 
-    def pool_for(self, database: str) -> Pool:
-        pool = self._pools.get(database)
+    def pool_for(self, database: str, role: str) -> Pool:
+        """The pool a session of ``role`` takes its connections from. login = pool_role: one
+        per database, logged in as backend.user. per_role: one per database and role, logged
+        in as the role itself (its password, if any, from backend.role_secrets_file)."""
+        backend = self.cfg.backend
+        per_role = backend.login == "per_role"
+        key = (database, role if per_role else None)
+        pool = self._pools.get(key)
         if pool is None:
-            pool = self._pools[database] = Pool(self.cfg.backend, database, self.cfg.backend_password,
-                                                self.cfg.backend_tls)
+            password = self.cfg.role_passwords.get(role) if per_role else self.cfg.backend_password
+            pool = self._pools[key] = Pool(backend, database, password, self.cfg.backend_tls,
+                                           role=role if per_role else None)
+        if pool.login_role != (role if per_role else backend.user):  # never another role's connections
+            raise backend_unavailable(f'the pool for role "{role}" logs in as "{pool.login_role}"')
         return pool
 
     def policy_for(self, role: str) -> tuple[RolePolicy | None, dict[str, str]]:
@@ -185,8 +226,9 @@ class ProxyServer:
         if self.cfg.guard.unsafe_disable:
             return None, {}
         rule = next((p for p in self.cfg.policies if p.role == role), None)
+        allowed = frozenset(self.cfg.guard.allowed_functions)  # names as PostgreSQL stores them: not lowercased
         if rule is None:
-            return RolePolicy(), {}
+            return RolePolicy(allowed_functions=allowed), {}
         settings = {}
         if rule.read_only:
             settings["default_transaction_read_only"] = "on"
@@ -197,7 +239,19 @@ class ProxyServer:
                           allowed_classes=frozenset(rule.allowed_classes),
                           denied_functions=frozenset(f.lower() for f in rule.denied_functions),
                           denied_relations=frozenset(rule.denied_relations),
-                          locked_settings=frozenset(locked)), settings
+                          locked_settings=frozenset(locked),
+                          allowed_functions=allowed | frozenset(rule.allowed_functions)), settings
+
+    def identity_signer(self, identity):
+        """pid -> the signed-identity settings for one backend connection (signed_identity.py),
+        or None when no signing key is configured. The pid is signed too, so a signature
+        copied to another backend connection does not verify."""
+        key = self.cfg.identity_key
+        if key is None:
+            return None
+        groups = text_array(identity.groups)
+        username, method = identity.username, identity.auth_method
+        return lambda pid: {signed_identity.SETTING: signed_identity.sign(key, username, groups, method, pid)}
 
     def pool_mode_for(self, database: str, role: str) -> str:
         backend = self.cfg.backend
@@ -267,7 +321,9 @@ class ProxyServer:
         self._set_authenticators(new, self.cfg)
         _warn_if_unguarded(new)
         self._policies = {}
-        if new.backend != self.cfg.backend or new.backend_password != self.cfg.backend_password:
+        if (new.backend != self.cfg.backend or new.backend_password != self.cfg.backend_password
+                or new.role_passwords != self.cfg.role_passwords or new.identity_key != self.cfg.identity_key):
+            # (a new signing key: idle connections still carry signatures made with the old one)
             for pool in self._pools.values():
                 pool.retire()  # idle connections close now, busy ones when returned
             self._pools = {}
@@ -362,6 +418,8 @@ class ProxyServer:
         if needs_keys and not await self.jwt.keys.ensure_loaded():
             problems.append("the IdP's signing keys are not loaded")
         if time.monotonic() - self._backend_ok_at > READY_CACHE_S:
+            # As backend.user in both login modes: with per_role it is a role granted nothing
+            # that proves PostgreSQL answers and lets us log in (the mapped roles may be templates).
             cfg = self.cfg.backend
             database = cfg.databases[0] if cfg.databases else "postgres"
             try:
@@ -370,7 +428,8 @@ class ProxyServer:
                 conn.close("readiness check done")
                 self._backend_ok_at = time.monotonic()
             except PgProxyError as exc:
-                log.warning("readiness: cannot log in to PostgreSQL", extra={"reason": exc.log_detail})
+                log.warning("readiness: cannot log in to PostgreSQL", extra={"role": cfg.user,
+                                                                             "reason": exc.log_detail})
                 problems.append("cannot log in to PostgreSQL")
         return problems
 
@@ -380,8 +439,14 @@ class ProxyServer:
         loop = asyncio.get_running_loop()
         for entry in self.cfg.server.listen:
             host, port = parse_listen(entry)
-            listener = await loop.create_server(lambda: ClientSession(self), host, port, reuse_address=True,
-                                                reuse_port=self.multi_worker or None, backlog=1024)
+            # SO_REUSEADDR: a restart need not wait for the last run's TIME_WAIT connections.
+            # SO_REUSEPORT (several workers) would let anyone bind beside us: check_startup
+            # made sure nobody listens here before the first worker started.
+            try:
+                listener = await loop.create_server(lambda: ClientSession(self), host, port, reuse_address=True,
+                                                    reuse_port=self.multi_worker or None, backlog=1024)
+            except OSError as exc:  # check_startup said it was free: someone was quicker
+                raise StartupError(bind_failure("server.listen", entry, exc)) from None
             self._listeners.append(listener)
             for sock in listener.sockets:
                 self.addresses.append(sock.getsockname()[:2])

@@ -16,10 +16,16 @@ Watchdog: under systemd with WatchdogSec= (WATCHDOG_USEC set), the supervisor pi
 every worker over the control channel twice per watchdog period and sends WATCHDOG=1
 while it runs. A worker that misses two pings in a row (a stuck event loop) is killed
 and restarted, so systemd restarts the whole service only if the supervisor is stuck.
+
+Startup checks (``check_startup``) run once per start, before anything listens — in front
+of the supervisor, or of the single process — and never in a worker: a restarted worker's
+siblings listen on the same addresses with SO_REUSEPORT, as they should. Each failure is a
+``StartupError``: one line for the operator, exit status 1, no traceback.
 """
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import select
@@ -50,7 +56,7 @@ class Supervisor:
         self._kill_after = float("inf")  # stopping: workers still alive then are killed
 
     def run(self) -> int:
-        self._check_addresses()
+        """Call ``check_startup`` first (``cmd_serve`` does)."""
         if self.cfg.server.unix_socket_dir:
             from pgproxy import server
             server.inherited_unix_socket = server.bind_unix_socket(self.cfg)  # the workers inherit it
@@ -190,22 +196,86 @@ class Supervisor:
             run_event_loop(serve_until_signalled(self.cfg, worker=(index, os.getppid()), config_path=self.config_path,
                                                  on_ready=lambda _server: os.write(ready_w, b"r")))
             code = 0
+        except StartupError as exc:  # rare: check_startup ran before the fork
+            log.error("worker cannot start", extra={"worker": index, "reason": str(exc)})
         except BaseException:
             log.exception("worker failed", extra={"worker": index})
         finally:
             logging.shutdown()
             os._exit(code)
 
-    def _check_addresses(self) -> None:
-        """Fail in the supervisor, with the reason, if a listen address cannot be bound."""
-        for entry in self.cfg.server.listen:
-            host, port = parse_listen(entry)
-            family = socket.AF_INET6 if ":" in host else socket.AF_INET
-            with socket.socket(family, socket.SOCK_STREAM) as probe:
-                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-                probe.bind((host, port))
-
 
 def cancel_socket_name(group: int, index: int) -> str:
     """Abstract-namespace Unix socket of one worker's cancel inbox (nothing on disk)."""
     return f"\0pgproxy-{group}-cancel-{index}"
+
+
+class StartupError(Exception):
+    """Why the proxy cannot start, in one line for the operator (logged without a traceback)."""
+
+
+def check_startup(cfg: Config) -> None:
+    """StartupError if a listen address is taken or unusable, or the audit file cannot be
+    opened: found before anything listens, rather than by a worker that dies or, worse, a
+    second proxy that shares the port.
+
+    Once per start (see the module header). The Unix socket is checked where it is bound
+    (``server.bind_unix_socket``), which also happens only once.
+    """
+    seen: dict[tuple, tuple[str, str]] = {}  # socket address -> (option, entry)
+    for key, entry in [("server.listen", e) for e in cfg.server.listen] + \
+            ([("http.listen", cfg.http.listen)] if cfg.http.listen else []):
+        for sockaddr in probe_listen_address(key, entry):
+            if sockaddr in seen:
+                first_key, first = seen[sockaddr]
+                raise StartupError(f"{first} ({first_key}) and {entry} ({key}) are the same address; list it once")
+            seen[sockaddr] = (key, entry)
+    try:
+        with open(cfg.audit.file, "a", encoding="utf-8"):
+            pass
+    except OSError as exc:
+        raise StartupError(f"cannot open the audit file {cfg.audit.file} for appending: {exc.strerror}; "
+                           "fix audit.file or its directory's permissions") from None
+
+
+def probe_listen_address(key: str, entry: str) -> list[tuple]:
+    """Bind every address ``entry`` resolves to, as the listeners will, but without SO_REUSEPORT.
+
+    Our listeners set SO_REUSEPORT when there are several workers, and so would a second
+    pgproxy: the kernel would let it bind beside us and hand it half the logins. Without
+    SO_REUSEPORT the bind fails if anyone listens there, while SO_REUSEADDR lets it
+    succeed over the TIME_WAIT connections of a run that just stopped. Nothing listens:
+    the probe is closed at once. Returns the socket addresses probed.
+    """
+    host, port = parse_listen(entry)
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        raise StartupError(bind_failure(key, entry, exc)) from None
+    probed = []
+    for family, kind, proto, _, sockaddr in dict.fromkeys(infos):  # resolvers repeat themselves
+        with socket.socket(family, kind, proto) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:  # as asyncio binds it: IPv4 is a separate address
+                probe.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            try:
+                probe.bind(sockaddr)
+            except OSError as exc:
+                raise StartupError(bind_failure(key, entry, exc)) from None
+        probed.append(sockaddr[:2])
+    return probed
+
+
+def bind_failure(key: str, address: str, exc: OSError) -> str:
+    """The operator's line for a listen address that cannot be bound (``key``: its option)."""
+    if isinstance(exc, socket.gaierror):
+        return f"cannot listen on {address}: the host name does not resolve ({exc.strerror}); fix {key}"
+    if exc.errno == errno.EADDRINUSE:
+        return f"another process already listens on {address}; stop it or choose another {key} address"
+    if exc.errno == errno.EACCES:
+        port = address.rsplit(":", 1)[-1]
+        why = " (ports below 1024 need root or CAP_NET_BIND_SERVICE)" if port.isdigit() and int(port) < 1024 else ""
+        return f"no permission to listen on {address}{why}; choose another {key} address"
+    if exc.errno == errno.EADDRNOTAVAIL:
+        return f"cannot listen on {address}: no network interface of this machine has that address; fix {key}"
+    return f"cannot listen on {address}: {exc.strerror or exc}; fix {key}"

@@ -1,20 +1,50 @@
-"""Authenticators turn a (user, secret) pair into an Identity, or refuse."""
+"""Authenticators turn a (user, secret) pair into an Identity, or refuse.
+
+The identity's user name is canonical: the authority's own spelling of it (the
+directory entry's user-name attribute, the token's user-name claim), never the
+startup packet's. Blocks, terminations, [[roles]] user rules, the audit trail and
+``pgproxy.user`` all compare user names exactly, so a second spelling of one person
+(``ALICE``, ``alice ``) must never become a second identity: it is refused, or — where
+the operator opted into case-insensitive names — replaced by the canonical spelling.
+"""
 
 from __future__ import annotations
 
 from collections import OrderedDict
 from dataclasses import dataclass
 
+from pgproxy.errors import auth_failed
+
 
 @dataclass(frozen=True, slots=True)
 class Identity:
-    username: str            # who is audited: the startup user name, or svc:<name> for a service account
+    username: str            # who is audited: the authority's spelling (see canonical_username), or svc:<name>
     subject: str             # the IdP's stable subject ('sub'), or the DN for a directory
     issuer: str
     groups: tuple[str, ...]
     auth_method: str         # "jwt", "ldap" or "service"
     expires_at: float | None = None
     role: str = ""           # a service account's own role; others are mapped by [[roles]]
+
+
+def canonical_username(startup: str, canonical: object, case_insensitive: bool, source: str) -> str:
+    """The user name an identity carries: ``canonical`` (the authority's value, from ``source``).
+
+    ``startup`` must equal it exactly, or up to case with ``case_insensitive``. Leading or
+    trailing whitespace never matches: directories ignore it when they compare, which is
+    how `` alice`` bound as alice. A refusal is 28P01 like any failed login; the log says
+    which spelling met which."""
+    if not isinstance(canonical, str) or not canonical:
+        raise auth_failed(startup, f"{source} is missing or not a non-empty string")
+    if startup != startup.strip() or canonical != canonical.strip():
+        raise auth_failed(startup, f"leading or trailing whitespace in the user name {startup!r} or in "
+                                   f"{source} ({canonical!r})")
+    if startup == canonical:
+        return canonical
+    if case_insensitive and startup.casefold() == canonical.casefold():
+        return canonical
+    raise auth_failed(startup, f"{source} names another user ({canonical!r}, not {startup!r}, "
+                               f"{'even ignoring case' if case_insensitive else 'compared exactly'})")
 
 
 def remember(cache: OrderedDict, key, value, limit: int) -> None:

@@ -3,7 +3,8 @@
 Serves OIDC discovery and a JWKS on loopback and mints RS256 tokens with keys made at
 start. ``GET /dev/token?user=alice&groups=a,b`` returns a token (loopback clients
 only), which is what ``pgproxy dev-token`` asks for. ``rotate()`` adds a new signing
-key and publishes it, to exercise key rotation.
+key and publishes it, ``retire(kid)`` withdraws one, to exercise key rotation; a test may
+set ``cache_control`` to send that header with the JWKS.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ class DevIssuer:
     def __init__(self, host: str = "127.0.0.1", port: int = 0, audience: str = DEFAULT_AUDIENCE) -> None:
         self.audience = audience
         self._keys: list[tuple[str, rsa.RSAPrivateKey]] = []
+        self.cache_control = ""  # Cache-Control sent with the JWKS; empty: none
         self.rotate()
         issuer = self
 
@@ -54,6 +56,15 @@ class DevIssuer:
         self._keys.append((kid, rsa.generate_private_key(public_exponent=65537, key_size=2048)))
         return kid
 
+    def retire(self, kid: str) -> rsa.RSAPrivateKey:
+        """Stop publishing a key (as an IdP does after a compromise); return it, so a test can
+        still sign with it."""
+        for i, (known, key) in enumerate(self._keys):
+            if known == kid:
+                del self._keys[i]
+                return key
+        raise KeyError(kid)
+
     @property
     def signing_key(self) -> rsa.RSAPrivateKey:
         return self._keys[-1][1]
@@ -82,7 +93,7 @@ class DevIssuer:
                     "subject_types_supported": ["public"]}
             self._reply(request, 200, json.dumps(body), "application/json")
         elif url.path == "/jwks.json":
-            self._reply(request, 200, json.dumps(self.jwks()), "application/json")
+            self._reply(request, 200, json.dumps(self.jwks()), "application/json", self.cache_control)
         elif url.path == "/dev/token" and request.client_address[0] in ("127.0.0.1", "::1"):
             query = parse_qs(url.query)
             user = query.get("user", [""])[0]
@@ -96,10 +107,13 @@ class DevIssuer:
             self._reply(request, 404, "not found\n", "text/plain")
 
     @staticmethod
-    def _reply(request: BaseHTTPRequestHandler, status: int, body: str, content_type: str) -> None:
+    def _reply(request: BaseHTTPRequestHandler, status: int, body: str, content_type: str,
+               cache_control: str = "") -> None:
         data = body.encode()
         request.send_response(status)
         request.send_header("Content-Type", content_type)
+        if cache_control:
+            request.send_header("Cache-Control", cache_control)
         request.send_header("Content-Length", str(len(data)))
         request.end_headers()
         request.wfile.write(data)

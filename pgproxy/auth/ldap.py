@@ -3,27 +3,37 @@
 Pass-through: nothing is stored. A login binds as the user — found by a DN template
 (simple bind) or by a search under a service account (search then bind) — on a fresh
 connection to the first server that answers (``urls`` in order). Then the user's entry
-is read for groups (``memberOf``, or a group search, optionally nested) and for the
-account state: AD ``userAccountControl`` ACCOUNTDISABLE, OpenLDAP ppolicy
-``pwdAccountLockedTime`` and the optional ``deny_filter`` refuse the login.
+is read for its user name (``username_attribute``), groups (``memberOf``, or a group
+search, optionally nested) and the account state: AD ``userAccountControl``
+ACCOUNTDISABLE, OpenLDAP ppolicy ``pwdAccountLockedTime`` and the optional
+``deny_filter`` refuse the login.
+
+The identity is the entry's own user name and DN, not what the client typed: directories
+match ``ALICE`` and `` alice`` to alice's entry, so the startup name must equal the
+attribute's value (up to case with ``username_case_insensitive``, and then the session
+is the directory's spelling) — see ``pgproxy.auth.canonical_username``.
 
 Fail closed: an empty password is refused before any bind (an empty simple bind is an
-anonymous bind that many servers accept); user names are escaped for filters and DNs;
-no server reachable means "authentication service unavailable". The client hears only
-that authentication failed; the reason goes to the log, the password nowhere.
+anonymous bind that many servers accept); user names are escaped for filters and DNs,
+and templates filled in one pass; no server reachable means "authentication service
+unavailable". The client hears only that authentication failed; the reason goes to the
+log, the password nowhere.
 
 ldap3 blocks, so directory work runs in a bounded thread pool. Successful logins are
-cached ``cache_ttl_s`` (≤ 60 s) under an HMAC of user and password with a per-process
-key; failures for ``failure_cache_s``. Searches reuse pooled service-account connections.
+cached ``cache_ttl_s`` (≤ 60 s) under an HMAC of the startup user name and password with a
+per-process key, only once that spelling passed the user-name check (which runs again on
+every hit); failures for ``failure_cache_s``. Searches reuse pooled service-account
+connections.
 """
 
 from __future__ import annotations
 
 import asyncio
 import hashlib
-import math
 import hmac
 import logging
+import math
+import re
 import secrets
 import ssl
 import struct
@@ -37,7 +47,7 @@ from ldap3.core.exceptions import LDAPException, LDAPSocketOpenError, LDAPStartT
 from ldap3.utils.conv import escape_filter_chars
 from ldap3.utils.dn import escape_rdn, parse_dn
 
-from pgproxy.auth import Identity, remember
+from pgproxy.auth import Identity, canonical_username, remember
 from pgproxy.config import LdapSection
 from pgproxy.errors import AuthUnavailable, PgProxyError, auth_failed, auth_unavailable, not_authorized
 
@@ -50,6 +60,8 @@ NESTING_DEPTH = 8
 ACCOUNTDISABLE = 0x2
 INVALID_CREDENTIALS = 49
 _STATE_ATTRIBUTES = ["memberOf", "userAccountControl", "pwdAccountLockedTime"]
+_PLACEHOLDER = re.compile(r"\{(username|dn)\}")
+NO_MATCH = r"\00"  # an escaped NUL byte: a filter value no user name or DN equals
 
 
 class DirectoryDown(Exception):
@@ -81,10 +93,13 @@ class LdapAuthenticator:
         if len(user) > MAX_USERNAME_LENGTH or len(password) > MAX_PASSWORD_LENGTH \
                 or any(ord(c) < 32 for c in user):
             raise auth_failed(user, "user name or password too long, or control characters in the user name")
+        if not user or user != user.strip():
+            raise auth_failed(user, f"leading or trailing whitespace in the user name {user!r}")
         key = hmac.new(self._key, f"{user}\0{password}".encode(), hashlib.sha256).digest()
         now = time.monotonic()
         hit = self._ok.get(key)
         if hit and now < hit[0]:
+            self._check_name(user, hit[1])
             return hit[1]
         failed_until = self._failed.get(key)
         if failed_until and now < failed_until:
@@ -93,6 +108,7 @@ class LdapAuthenticator:
         result = "ok"
         try:
             identity = await asyncio.get_running_loop().run_in_executor(self._executor, self._verify, user, password)
+            self._check_name(user, identity)
         except PgProxyError as exc:
             result = "unavailable" if isinstance(exc, AuthUnavailable) else "refused"
             if result == "refused":  # an outage is not the user's failure
@@ -107,28 +123,34 @@ class LdapAuthenticator:
             remember(self._ok, key, (time.monotonic() + self._cfg.cache_ttl_s, identity), CACHE_SIZE)
         return identity
 
+    def _check_name(self, user: str, identity: Identity) -> None:
+        canonical_username(user, identity.username, self._cfg.username_case_insensitive,
+                           f"the directory's {self._cfg.username_attribute} of {identity.subject}")
+
     # --- in a worker thread --------------------------------------------------------
 
     def _verify(self, user: str, password: str) -> Identity:
         cfg = self._cfg
         try:
             if cfg.user_dn_template:
-                dn = cfg.user_dn_template.replace("{username}", escape_rdn(user))
+                dn = fill(cfg.user_dn_template, username=escape_rdn(user))
             else:
                 dn = self._find_user(user)
             conn, server_url = self._open(dn, password)
             try:
                 reader = conn if cfg.user_dn_template else None
-                entry = self._read_entry(reader, dn)
+                dn, entry = self._read_entry(reader, dn)  # from here on, the entry's own DN
+                username = entry_username(entry, cfg.username_attribute, user)
                 self._check_account(reader, user, dn, entry)
-                groups = self._groups(reader, user, dn, entry)
+                groups = self._groups(reader, username, dn, entry)
             finally:
                 _unbind(conn)
         except DirectoryDown as exc:
             raise auth_unavailable(f"LDAP: {exc}") from None
         except (LDAPException, OSError, ValueError, struct.error) as exc:  # whatever breaks: refuse
             raise auth_unavailable(f"LDAP operation failed: {type(exc).__name__}: {exc}") from None
-        return Identity(username=user, subject=dn, issuer=server_url, groups=tuple(groups), auth_method=self.method)
+        return Identity(username=username, subject=dn, issuer=server_url, groups=tuple(groups),
+                        auth_method=self.method)
 
     def _open(self, dn: str, password: str) -> tuple[ldap3.Connection, str]:
         """Bind as ``dn`` on the first server that answers; wrong credentials are 28P01."""
@@ -160,7 +182,7 @@ class LdapAuthenticator:
 
     def _find_user(self, user: str) -> str:
         cfg = self._cfg
-        search = cfg.search_filter.replace("{username}", escape_filter_chars(user))
+        search = fill(cfg.search_filter, username=escape_filter_chars(user))
         with self._service() as conn:
             if not conn.search(cfg.search_base, search, ldap3.SUBTREE, attributes=[], size_limit=2):
                 if conn.result.get("result") not in (0, 32):  # 32: no such object
@@ -170,11 +192,17 @@ class LdapAuthenticator:
             raise auth_failed(user, f"the user search found {len(found)} entries (need exactly one)")
         return found[0]
 
-    def _read_entry(self, conn: ldap3.Connection | None, dn: str) -> dict:
+    def _read_entry(self, conn: ldap3.Connection | None, dn: str) -> tuple[str, dict]:
+        """The entry's DN as the directory spells it, and its attributes (each a list)."""
+        attributes = [*_STATE_ATTRIBUTES, self._cfg.username_attribute]
         with self._service(conn) as reader:
-            if not reader.search(dn, "(objectClass=*)", ldap3.BASE, attributes=_STATE_ATTRIBUTES):
+            if not reader.search(dn, "(objectClass=*)", ldap3.BASE, attributes=attributes):
                 raise DirectoryDown(f"cannot read {dn}: {reader.result.get('description')}")
-            return {k: list(v) for k, v in reader.response[0]["attributes"].items()}
+            found = [r for r in reader.response or [] if r.get("type") == "searchResEntry"]
+            if len(found) != 1:
+                raise DirectoryDown(f"reading {dn} returned {len(found)} entries")
+            values = {k: [v] if isinstance(v, (str, bytes)) else list(v) for k, v in found[0]["attributes"].items()}
+            return str(found[0].get("dn") or dn), values
 
     def _check_account(self, conn: ldap3.Connection | None, user: str, dn: str, entry: dict) -> None:
         control = entry.get("userAccountControl") or [0]
@@ -188,7 +216,7 @@ class LdapAuthenticator:
                 if reader.entries:
                     raise not_authorized(user, "the directory account matches auth.ldap.deny_filter")
 
-    def _groups(self, conn: ldap3.Connection | None, user: str, dn: str, entry: dict) -> list[str]:
+    def _groups(self, conn: ldap3.Connection | None, username: str, dn: str, entry: dict) -> list[str]:
         cfg = self._cfg
         if cfg.groups == "memberof":
             dns = [str(v) for v in entry.get("memberOf", [])]
@@ -198,8 +226,8 @@ class LdapAuthenticator:
                 for depth in range(NESTING_DEPTH if cfg.nested_groups else 1):
                     next_frontier = []
                     for member in frontier:
-                        search = cfg.group_filter.replace("{dn}", escape_filter_chars(member)).replace(
-                            "{username}", escape_filter_chars(user) if depth == 0 else "\00")
+                        search = fill(cfg.group_filter, dn=escape_filter_chars(member),
+                                      username=escape_filter_chars(username) if depth == 0 else NO_MATCH)
                         reader.search(cfg.group_search_base, search, ldap3.SUBTREE, attributes=[])
                         for group in (e.entry_dn for e in reader.entries):
                             if group.lower() not in seen:
@@ -254,6 +282,28 @@ class _Borrowed:
         if self._conn is not None:
             healthy = exc_type is None or issubclass(exc_type, PgProxyError)
             self._owner._give_back(self._conn, healthy and self._conn.result.get("result", 0) in (0, 32))
+
+
+def fill(template: str, **values: str) -> str:
+    """Put (already escaped) values into a filter or DN template in one pass, so a value
+    that itself contains "{dn}" or "{username}" is never substituted again."""
+    return _PLACEHOLDER.sub(lambda m: values.get(m[1], m[0]), template)
+
+
+def entry_username(entry: dict, attribute: str, user: str) -> str:
+    """The user name the directory holds in ``attribute`` (matched without regard to case, as
+    LDAP names attributes); exactly one value, or the login is refused."""
+    values = next((v for k, v in entry.items() if k.lower() == attribute.lower()), [])
+    if len(values) != 1:
+        raise auth_failed(user, f"the entry has {len(values)} values of {attribute} (readable by the proxy), "
+                                "need exactly one to name the user")
+    value = values[0]
+    if isinstance(value, bytes):
+        try:
+            value = value.decode("utf-8")
+        except UnicodeDecodeError:
+            raise auth_failed(user, f"the entry's {attribute} is not UTF-8") from None
+    return str(value)
 
 
 def _group_name(dn: str, style: str) -> str:

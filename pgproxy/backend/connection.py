@@ -48,7 +48,7 @@ class BackendConnection(asyncio.Protocol):
     __slots__ = ("database", "state", "transport", "pid", "secret", "params", "txn_status", "created_at",
                  "idle_since", "close_reason", "session", "forgotten", "_reader", "_inbox", "_waiter",
                  "state_key", "person", "prepared", "statement_counter", "switches", "unnamed_owner", "unnamed_gen",
-                 "reading_paused", "_tls_answer", "_asking_tls")
+                 "reading_paused", "_tls_answer", "_asking_tls", "_drainer", "login_role")
 
     def __init__(self, database: str) -> None:
         self.database = database
@@ -76,7 +76,9 @@ class BackendConnection(asyncio.Protocol):
         self.unnamed_gen = 0
         self.reading_paused = False
         self._asking_tls = False  # an SSLRequest was sent; its one-byte answer is due
+        self._drainer = None      # set while drain_and_close runs
         self._tls_answer = b""
+        self.login_role = ""  # the role this connection logged in as (session_user), set by open_connection
 
     # --- asyncio.Protocol --------------------------------------------------------------
 
@@ -100,6 +102,8 @@ class BackendConnection(asyncio.Protocol):
         self._wake()
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if self._drainer is not None and not self._drainer.lost.done():
+            self._drainer.lost.set_result(None)
         if self.state is not BackendState.CLOSED:
             self.close_reason = self.close_reason or f"server closed the connection ({exc or 'EOF'})"
             self.state = BackendState.CLOSED
@@ -154,7 +158,8 @@ class BackendConnection(asyncio.Protocol):
                         "mechanism": scram.mechanism if scram is not None else f"auth {code}"})
                     continue
                 if password is None:
-                    raise backend_unavailable(f"server asks for a password (method {code}) but none is configured")
+                    raise backend_unavailable(f'server asks for a password (method {code}) for role "{user}" '
+                                              "but none is configured")
                 if code == 3:
                     self.transport.write(msg.password_message(password.encode() + b"\0"))
                 elif code == 5:
@@ -170,7 +175,8 @@ class BackendConnection(asyncio.Protocol):
                     raise backend_unavailable(f"unsupported authentication request {code} from server")
             elif kind == ord("E"):
                 fields = msg.parse_error_fields(body)
-                raise backend_unavailable(f"server refused login: {fields.get('C')} {fields.get('M')}")
+                raise backend_unavailable(f'server refused login as role "{user}": {fields.get("C")} '
+                                          f'{fields.get("M")}')
             elif kind == ord("S"):
                 name, value = msg.parse_parameter_status(body)
                 self.params[sys.intern(name)] = sys.intern(value)  # the same few strings on every connection
@@ -198,10 +204,16 @@ class BackendConnection(asyncio.Protocol):
 
         Raises ProxyFailure carrying the server's SQLSTATE if any of them failed.
         """
-        self.transport.write(b"".join(msg.query(q) for q in queries))
+        return await self.exchange(b"".join(msg.query(q) for q in queries), len(queries))
+
+    async def exchange(self, data: bytes, ready_count: int) -> list[tuple[int, bytes]]:
+        """Send ``data`` (simple queries, or extended messages ending in Sync); return every
+        message up to the ``ready_count``-th ReadyForQuery. Raises ProxyFailure carrying the
+        server's SQLSTATE if anything failed."""
+        self.transport.write(data)
         replies: list[tuple[int, bytes]] = []
         error: dict[str, str] | None = None
-        remaining = len(queries)
+        remaining = ready_count
         while remaining:
             kind, raw = await self._next()
             body = raw[5:]
@@ -286,6 +298,37 @@ class BackendConnection(asyncio.Protocol):
         self.session = None
         self.resume_reading()
 
+    def start_drain(self, scanner, owed: int) -> None:
+        """Its client left mid-request: from now on discard the server's output, following
+        message boundaries with the client's ``scanner`` (it may have stopped mid-message)."""
+        self._drainer = _Drainer(scanner, owed)
+        self.attach(self._drainer)
+        self.resume_reading()
+
+    async def drain_and_close(self, reason: str, timeout: float) -> None:
+        """After start_drain: wait for the ``owed`` ReadyForQuery messages (the query was
+        cancelled), then log out and wait until the server has closed its end — so the pool
+        frees the slot only once PostgreSQL's backend is going away (never more than
+        pool_size of them). Anything slower than ``timeout``: abort."""
+        drainer = self._drainer
+        owed = drainer.owed
+        try:
+            if owed:
+                await asyncio.wait_for(asyncio.shield(drainer.done), timeout)
+            if self.state is not BackendState.CLOSED:
+                # Terminate, then half-close and read on until the server closes its end: it
+                # has then left (an unsynced implicit transaction is rolled back, never committed).
+                self.close_reason = f"{reason}; drained and logged out"
+                self.transport.write(msg.TERMINATE)
+                if self.transport.can_write_eof():
+                    self.transport.write_eof()
+                await asyncio.wait_for(asyncio.shield(drainer.lost), timeout)
+        except (asyncio.TimeoutError, PgProxyError) as exc:
+            self.close(f"{reason}; draining failed: {type(exc).__name__}", abort=True)
+        finally:
+            self.session = None
+            self.close(reason)
+
     def pause_reading(self) -> None:
         """The client reads slower than we receive: stop reading the server."""
         if self.transport is not None and not self.reading_paused:
@@ -300,15 +343,21 @@ class BackendConnection(asyncio.Protocol):
     def write(self, data: bytes) -> None:
         self.transport.write(data)
 
-    def close(self, reason: str) -> None:
+    def close(self, reason: str, abort: bool = False) -> None:
+        """Close with a logged reason. ``abort``: drop unsent bytes and reset the socket at
+        once — for a connection still busy, whose server may be blocked writing to us (and
+        we to it): a graceful close would wait for buffers that never drain."""
         if self.state is BackendState.CLOSED:
             return
         self.close_reason = reason
         self.state = BackendState.CLOSED
         log.info("closing backend connection", extra={"backend_pid": self.pid, "reason": reason})
         if self.transport is not None and not self.transport.is_closing():
-            self.transport.write(msg.TERMINATE)
-            self.transport.close()
+            if abort:
+                self.transport.abort()
+            else:
+                self.transport.write(msg.TERMINATE)
+                self.transport.close()
         self._wake()
 
 
@@ -328,6 +377,7 @@ async def open_connection(host: str, port: int, database: str, user: str, passwo
                 await conn.start_tls(tls, host)
             await conn.login(user, password, {"application_name": "pgproxy", "client_encoding": "UTF8"},
                              channel_binding)
+            conn.login_role = user  # pools check it before handing the connection to anyone
         except BaseException:
             conn.close("login failed")
             raise
@@ -350,3 +400,37 @@ async def send_cancel(host: str, port: int, pid: int, secret: int) -> None:
     writer.write(msg.cancel_request(pid, secret))
     await writer.drain()
     writer.close()
+
+
+class _Drainer:
+    """Stands in for the departed client while its connection is drained: follows message
+    boundaries with the client's own scanner (it may have stopped mid-message) and counts
+    ReadyForQuery messages."""
+
+    def __init__(self, scanner, owed: int) -> None:
+        loop = asyncio.get_running_loop()
+        self.scanner, self.owed = scanner, owed
+        self.done, self.lost = loop.create_future(), loop.create_future()
+
+    def server_data(self, data: bytes) -> None:
+        try:
+            found = self.scanner.feed(data)
+        except PgProxyError as exc:
+            if not self.done.done():
+                self.done.set_exception(exc)
+            return
+        for kind, _, _ in found:
+            if kind == 90:  # 'Z'
+                self.owed -= 1
+                if self.owed == 0 and not self.done.done():
+                    self.done.set_result(None)
+
+    def server_lost(self, reason: str) -> None:
+        if not self.done.done():
+            self.done.set_exception(ProxyFailure("server connection lost while draining", sqlstate="08006"))
+
+    def pause_reading_client(self) -> None:
+        pass
+
+    def resume_reading_client(self) -> None:
+        pass

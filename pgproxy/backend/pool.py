@@ -1,4 +1,10 @@
-"""A pool of backend connections for one database, all logged in as the pool role.
+"""A pool of backend connections for one database, all logged in as one role.
+
+With ``backend.login = pool_role`` that is the pool role (one pool per database; sessions
+SET ROLE to their mapped role). With ``per_role`` it is the mapped role itself (one pool per
+database and role), so SQL that gets past the guard cannot SET ROLE anywhere the role could
+not go on its own. Every connection records whom it logged in as (``login_role``) and a
+pool hands out only its own role's connections: one that is not is closed, never lent.
 
 Clients take a connection for their whole session (session pooling). The pool keeps at
 most ``pool_size`` connections, opening, resetting and connecting ones included; a
@@ -19,7 +25,7 @@ from dataclasses import dataclass
 
 from pgproxy.backend.connection import BackendConnection, BackendState, open_connection, send_cancel
 from pgproxy.config import BackendSection
-from pgproxy.errors import PgProxyError, pool_timeout
+from pgproxy.errors import PgProxyError, backend_unavailable, pool_timeout
 from pgproxy.metrics import WAIT_BUCKETS, Histogram
 
 log = logging.getLogger("pgproxy.pool")
@@ -37,10 +43,13 @@ class PoolStats:
 
 
 class Pool:
-    def __init__(self, cfg: BackendSection, database: str, password: str | None, tls=None) -> None:
+    def __init__(self, cfg: BackendSection, database: str, password: str | None, tls=None,
+                 role: str | None = None) -> None:
         self._cfg = cfg
         self._tls = tls  # ssl.SSLContext when backend.sslmode is not disable
         self.database = database
+        self.role = role  # per_role: the mapped role every connection logs in as; None: the pool role
+        self.login_role = role or cfg.user
         self._password = password
         self._idle: deque[BackendConnection] = deque()
         self._waiters: deque[asyncio.Future] = deque()
@@ -51,7 +60,7 @@ class Pool:
         self.closed = False
 
     def statistics(self) -> dict:
-        return {"database": self.database, "size": self.size, "idle": len(self._idle),
+        return {"database": self.database, "login_role": self.login_role, "size": self.size, "idle": len(self._idle),
                 "waiting": len(self._waiters), **vars(self.stats)}
 
     async def acquire(self) -> BackendConnection:
@@ -80,7 +89,7 @@ class Pool:
                 finally:
                     if waiter in self._waiters:
                         self._waiters.remove(waiter)
-                if conn is not None and not conn.broken:
+                if conn is not None and not conn.broken and not self._foreign(conn):
                     return conn
                 if conn is not None:
                     self._forget(conn, "broken while handed over")
@@ -116,6 +125,8 @@ class Pool:
         if time.monotonic() - conn.idle_since > self._cfg.health_check_after_s:
             return None
         del idle[index]
+        if self._foreign(conn):
+            return None
         self.stats.acquires += 1
         self.wait_histogram.observe(0.0)
         return conn
@@ -143,21 +154,44 @@ class Pool:
                 if not await conn.health_check(self._cfg.connect_timeout_s):
                     self._forget(conn, "health check failed")
                     continue
+            if self._foreign(conn):
+                continue
             return conn
         return None
+
+    def _foreign(self, conn: BackendConnection) -> bool:
+        """A connection logged in as another role than this pool's: closed, never handed out.
+        (Cannot happen unless a connection is given back to the wrong pool: fail closed.)"""
+        if conn.login_role == self.login_role:
+            return False
+        log.error("a backend connection of another role reached a pool; closing it",
+                  extra={"database": self.database, "pool_role": self.login_role, "connection_role": conn.login_role,
+                         "backend_pid": conn.pid})
+        self._forget(conn, f'logged in as "{conn.login_role}", not "{self.login_role}"')
+        return True
 
     async def _open(self) -> BackendConnection:
         self.size += 1
         try:
-            conn = await open_connection(self._cfg.host, self._cfg.port, self.database, self._cfg.user,
+            conn = await open_connection(self._cfg.host, self._cfg.port, self.database, self.login_role,
                                          self._password, self._cfg.connect_timeout_s, self._tls,
                                          self._cfg.channel_binding)
-        except BaseException:
+        except BaseException as exc:
             self.size -= 1
             self._hand_over(None)  # capacity freed: let a waiter try
+            if self.role is not None and isinstance(exc, PgProxyError):
+                # Most likely pg_hba.conf, pg_ident.conf or the role (LOGIN?) is not set up for
+                # this role yet: say which role and how we tried.
+                how = ("with its password from backend.role_secrets_file" if self._password is not None
+                       else "without a password (backend.role_secrets_file has none for it)")
+                raise backend_unavailable(f'cannot log in to PostgreSQL as mapped role "{self.role}" '
+                                          f"(backend.login = per_role) {how}: {exc.log_detail}") from None
             raise
         self.stats.connections_opened += 1
-        log.debug("opened backend connection", extra={"database": self.database, "backend_pid": conn.pid})
+        if self._foreign(conn):  # open_connection did not record the login: a bug, fail closed
+            raise backend_unavailable(f'connection did not record logging in as "{self.login_role}"')
+        log.debug("opened backend connection", extra={"database": self.database, "role": self.login_role,
+                                                      "backend_pid": conn.pid})
         return conn
 
     def release(self, conn: BackendConnection, reusable: bool, reason: str = "", busy: bool = False) -> None:
@@ -170,9 +204,32 @@ class Pool:
         if not reusable or conn.broken or self.closed:
             if busy and not conn.broken:
                 self._spawn(send_cancel(self._cfg.host, self._cfg.port, conn.pid, conn.secret))
+                conn.close(reason or "closed while busy", abort=True)
             self._forget(conn, reason or conn.close_reason or "not reusable")
             return
         self._spawn(self._reset_and_return(conn))
+
+    def drain(self, conn: BackendConnection, scanner, owed: int, reason: str) -> None:
+        """A client left mid-request: cancel its query, discard what the server still sends,
+        close the connection; the slot is free only once the server has closed its end (see
+        BackendConnection.drain_and_close). Never reused: a late cancel could hit the next query."""
+        if conn.broken or self.closed:
+            conn.detach()
+            self._forget(conn, reason)
+            return
+        conn.start_drain(scanner, owed)
+        self._spawn(self._drain(conn, reason))
+
+    async def _drain(self, conn: BackendConnection, reason: str) -> None:
+        try:
+            try:
+                await asyncio.wait_for(send_cancel(self._cfg.host, self._cfg.port, conn.pid, conn.secret),
+                                       self._cfg.connect_timeout_s)
+            except (OSError, asyncio.TimeoutError) as exc:
+                log.info("cancel for a departed client failed", extra={"backend_pid": conn.pid, "reason": repr(exc)})
+            await conn.drain_and_close(reason, self._cfg.connect_timeout_s)
+        finally:
+            self._forget(conn, reason)
 
     def _spawn(self, coro) -> None:
         task = asyncio.get_running_loop().create_task(coro)

@@ -9,14 +9,27 @@ backend connection from login to the end (``pooled`` is False); in transaction p
 * **Giving it back.** At ReadyForQuery 'I' with no reply outstanding, no message waiting
   and no pin. Never with a transaction open, inside COPY, or between a Parse/Bind and
   its Sync (replies still owed keep it).
+* **Giving it back** also needs nothing pending: no Parse/Bind/Execute/Describe/Close
+  or Flush since the last Sync (PostgreSQL may be skipping to a Sync after an error, or
+  holding an implicit transaction open), no refused message being skipped.
 * **Identity.** A connection remembers whose role and settings it carries
-  (``state_key``). A different client gets, in the same write as its first message: a
-  switch query (SET ROLE, RESET ALL, its settings, a nonce; DEALLOCATE ALL when the
-  person changes) and a guard statement, sent without Sync, that fails unless the nonce
-  is in place — so if the switch failed, PostgreSQL skips the client's messages up to
+  (``state_key``). A different client gets, in the same write as its first message, the
+  switch of protocol/switch.py (DISCARD ALL for another person — temporary objects,
+  sequences, locks, LISTEN, prepared statements all go — or RESET ALL; then its role and
+  settings as bound parameters; Sync; a guard that fails unless the switch's random nonce
+  is in place) — so if the switch failed, PostgreSQL skips the client's messages up to
   their Sync. Messages after that first Sync wait until the guard has answered. A failed
   switch ends the session and discards the connection. The same client back on the same
   connection pays nothing.
+* **Resets re-apply the identity at once.** RESET ALL, DISCARD ALL and SET SESSION
+  AUTHORIZATION (a whole simple query, or an Execute directly followed by Sync) go out
+  followed by the re-apply in the same write; the client's later messages wait until it
+  has answered. Anywhere else (inside a multi-statement query, or not followed by Sync)
+  they are refused.
+* **Refusals abort like errors.** A statement the proxy refuses is replaced by one that
+  fails in PostgreSQL (``REFUSED_SQL``), and its error by the proxy's: the transaction
+  then fails exactly as if PostgreSQL had refused it (later statements get 25P02, COMMIT
+  rolls back; in a pipeline the server skips to Sync).
 * **Prepared statements.** Client names map to per-connection names (``pgproxy_N``,
   an LRU of ``backend.prepared_statements``), keyed by (text, parameter types). A Parse
   the connection already has is answered locally; a Bind or Describe on a connection
@@ -36,17 +49,23 @@ import logging
 import time
 
 from pgproxy.errors import PgProxyError, ProxyFailure, protocol_violation
-from pgproxy.frontend.startup import guard_sql, switch_sql
 from pgproxy.policy.guard import classify
-from pgproxy.policy.session_state import session_effects
+from pgproxy.policy.session_state import NOTHING, client_only_encoding, session_effects
 from pgproxy.protocol import messages as msg
+from pgproxy.protocol import switch
 from pgproxy.protocol.framing import ServerStreamScanner
 from pgproxy.protocol.pipeline import (BIND, CLOSE, DESCRIBE, EXECUTE, FORWARD, GUARD, PARSE, QUERY, QUIET,
-                                       SWALLOW, SWITCH, SYNC, SYNTH, WANTED, Expected, Pipeline)
+                                       REPLACE, SWALLOW, SWITCH, SYNC, SYNTH, WANTED, Expected, Pipeline)
 
 log = logging.getLogger("pgproxy.session")
 
 MAX_CLIENT_STATEMENTS = 10_000
+# Sent in a refused statement's place: PostgreSQL fails it (a syntax error) without running
+# anything, so the transaction and the pipeline fail as they would have.
+REFUSED_SQL = "pgproxy_refused_this_statement"
+_REFUSED_QUERY = msg.query(REFUSED_SQL)
+_REFUSED_PARSE = msg.parse_message("", REFUSED_SQL)
+_RESET_TAGS = {"DISCARD ALL": "DISCARD ALL", "RESET ALL": "RESET", "SESSION AUTHORIZATION": "SET"}
 _Q, _P, _B, _E, _S, _C, _D, _H, _F = (ord(c) for c in "QPBESCDHF")
 _FORWARD_ONLY = frozenset(b"dcfH")  # CopyData, CopyDone, CopyFail, Flush: no reply of their own
 
@@ -55,10 +74,10 @@ class Relay:
     __slots__ = ("pooled", "policy", "session", "pool", "key", "person", "role", "backend", "pipeline", "scanner",
                  "statements", "portals", "unnamed", "unnamed_gen", "pinned", "waiting", "switch_pending",
                  "acquiring", "txn_status", "refuse_state", "prepared_limit", "idle_since", "skipping",
-                 "past_guard", "attaching")
+                 "past_guard", "attaching", "sync_owed", "signer", "changes_due", "local_sync")
 
     def __init__(self, session, pool, role: str, person: tuple, settings: dict[str, str], cfg,
-                 pooled: bool, policy=None) -> None:
+                 pooled: bool, policy=None, signer=None) -> None:
         self.pooled = pooled  # transaction pooling: a connection per transaction
         self.policy = policy  # the statement guard's rules for this role; None: the guard is off
         self.session = session
@@ -85,6 +104,13 @@ class Relay:
         self.idle_since = time.monotonic()
         self.skipping = False  # a refused Parse: drop messages up to Sync
         self.attaching = False
+        self.sync_owed = False  # extended-protocol messages went out since the last Sync
+        self.signer = signer    # backend pid -> the signed-identity settings for it, or None
+        self.changes_due: tuple = ()  # settings changes that succeeded, taken at the next ReadyForQuery
+        # After an error with no Sync from the client yet, the proxy sent the server a Sync of its
+        # own (the connection need not wait for the client); this is that Sync's entry, until the
+        # client's Sync, which it answers. Messages up to that Sync are dropped, as PostgreSQL would.
+        self.local_sync: Expected | None = None
 
     @property
     def active(self) -> bool:
@@ -93,6 +119,10 @@ class Relay:
     # --- client -> server --------------------------------------------------------------
 
     def client_frames(self, frames: list[tuple[int, bytes]]) -> None:
+        if self.local_sync is not None:
+            frames = self._skip_to_sync(frames)
+            if not frames:
+                return
         if self.backend is None and not self.waiting:
             backend = self.pool.try_take(self.key)  # the common case: an idle connection, at once
             if backend is not None:
@@ -109,6 +139,8 @@ class Relay:
         try:
             backend = await self.pool.acquire()
         except PgProxyError as exc:
+            if exc.sqlstate == "53300":
+                exc = self._explain_exhaustion(exc)
             self.session.end(exc)
             return
         except Exception as exc:  # a bug must cost one session, never hang it
@@ -123,6 +155,19 @@ class Relay:
         self._attach(backend)
         self._send_waiting()
 
+    def _explain_exhaustion(self, exc: PgProxyError) -> PgProxyError:
+        """53300 says why: how many of the pool's connections pinned sessions hold (who, in the log)."""
+        holders = [(s.user, s.relay.pinned) for s in self.session.server.sessions()
+                   if s.relay is not None and s.relay.pool is self.pool and s.relay.pinned
+                   and s.relay.backend is not None]
+        if not holders:
+            return exc
+        reasons = sorted({reason for _, reason in holders})
+        return ProxyFailure(f"{exc.message}: {len(holders)} of its connections are held by pinned sessions "
+                            f"({', '.join(reasons)})", sqlstate="53300", severity="FATAL",
+                            log_detail=f"{exc.log_detail}; pinned: "
+                                       + ", ".join(f"{user} ({reason})" for user, reason in holders))
+
     def _attach(self, backend) -> None:
         self.backend = backend
         self.session.backend = backend
@@ -136,7 +181,27 @@ class Relay:
         if not self.waiting:
             self.session.resume_reading_client()
 
+    def _skip_to_sync(self, frames: list[tuple[int, bytes]]) -> list[tuple[int, bytes]]:
+        """Drop what the server would have skipped after the error; answer the client's Sync
+        with the ReadyForQuery of the proxy's own (forwarded if it is still due)."""
+        for i, (kind, _) in enumerate(frames):
+            if kind != _S:
+                continue
+            entry, self.local_sync = self.local_sync, None
+            self.skipping = False
+            if self.pipeline.forward(entry):
+                return frames[i + 1:]
+            ready = msg.ready_for_query(self.txn_status)
+            if self.pipeline:
+                self.pipeline.expect(Expected(SYNC, SYNTH, payload=ready))
+            else:
+                self._deliver([ready])
+            return frames[i + 1:]
+        return []
+
     def _send(self, frames: list[tuple[int, bytes]]) -> None:
+        if self.local_sync is not None:
+            frames = self._skip_to_sync(frames)
         backend = self.backend
         out: list[bytes] = []
         expect = self.pipeline.expect
@@ -149,7 +214,7 @@ class Relay:
                 # COPY follows when the guard has answered (one round trip).
                 out.append(msg.SYNC)
                 expect(Expected(SYNC, SWALLOW))
-                self.past_guard = True
+                self.past_guard, self.sync_owed = True, False
             else:
                 sync_after_first = first_kind in (_Q, _F)
         for i, (kind, raw) in enumerate(frames):
@@ -164,115 +229,228 @@ class Relay:
             if kind == _Q:
                 self._query(raw, out)
             elif kind == _P:
+                self.sync_owed = True
                 self._parse(raw, out)
             elif kind == _B:
+                self.sync_owed = True
                 self._bind(raw, out)
             elif kind == _E:
-                portal = msg.parse_execute_portal(raw[5:])
-                text, params, formats = self.portals.get(portal, ("", None, None))
-                out.append(raw)
-                verdict = classify(text) if self.policy is not None and text else None
-                expect(Expected(EXECUTE, statement=self.session.new_statement(text, params, formats, verdict)))
+                self.sync_owed = True
+                self._execute(raw, out, frames[i + 1][0] if i + 1 < len(frames) else None)
             elif kind == _S:
-                self.skipping = False
+                self.skipping = self.sync_owed = False
                 out.append(raw)
                 expect(Expected(SYNC))
             elif kind == _D:
+                self.sync_owed = True
                 self._describe(raw, out)
             elif kind == _C:
+                self.sync_owed = True
                 self._close(raw, out)
             elif kind == _F:
                 if self.policy is not None:
-                    self._refuse("<FunctionCall message>", "the FunctionCall message is not allowed", "42501", QUERY)
+                    self._refuse("<FunctionCall message>", "the FunctionCall message is not allowed", "42501",
+                                 QUERY, out)
                 else:
                     out.append(raw)
                     expect(Expected(QUERY, statement=self.session.new_statement("<FunctionCall message>")))
             elif kind in _FORWARD_ONLY:
+                if kind == _H:
+                    self.sync_owed = True
                 out.append(raw)
             else:
                 raise protocol_violation(f"unexpected message type {bytes([kind])!r}")
             if sync_after_first and kind in (_Q, _F):
                 out.append(msg.SYNC)  # ends the guard's skip-until-Sync for a simple query
                 expect(Expected(SYNC, SWALLOW))
-                sync_after_first = False
+                sync_after_first = self.sync_owed = False
         if out:
             backend.write(b"".join(out))
         self._deliver(self.pipeline.synthesized())
         if self._releasable():  # everything was answered locally
             self._release()
 
+    def settings_for(self, backend) -> dict[str, str]:
+        """The settings a connection must carry for this client, its signed identity included."""
+        settings = dict(self.key[1])
+        if self.signer is not None:
+            settings.update(self.signer(backend.pid))
+        return settings
+
     def _switch(self, backend, out: list[bytes]) -> None:
+        """Make the connection this client's (protocol/switch.py), in front of its messages."""
         backend.switches += 1
-        nonce = backend.switches
+        nonce = switch.new_nonce()
         new_person = backend.person != self.person
-        out.append(msg.query(switch_sql(self.role, dict(self.key[1]), deallocate=new_person, nonce=nonce)))
-        self.pipeline.expect(Expected(QUERY, SWITCH))
-        out += [msg.parse_message("", guard_sql(nonce)), msg.bind_message("", ""), msg.execute_message()]
-        self.pipeline.expect(Expected(PARSE, SWITCH))
-        self.pipeline.expect(Expected(BIND, SWITCH))
-        self.pipeline.expect(Expected(EXECUTE, GUARD))
+        expect = self.pipeline.expect
+        out.append(switch.reset_messages(switch.DISCARD if new_person else switch.RESET))
+        out.append(switch.apply_messages(self.role, self.settings_for(backend), nonce))
+        out.append(msg.SYNC)
+        out.append(switch.guard_messages(nonce))
+        for kind in (PARSE, BIND, EXECUTE, PARSE, BIND, EXECUTE):
+            expect(Expected(kind, SWITCH))
+        expect(Expected(SYNC, SWALLOW))
+        expect(Expected(PARSE, SWITCH))
+        expect(Expected(BIND, SWITCH))
+        expect(Expected(EXECUTE, GUARD))
         if new_person:
             backend.prepared.clear()
         backend.person, backend.state_key, backend.unnamed_owner = self.person, self.key, None
-        self.switch_pending, self.past_guard = True, False
+        self.switch_pending, self.past_guard, self.sync_owed = True, False, True
         self.session.server.metrics.count("pgproxy_identity_switches", "person" if new_person else "settings")
 
-    def _verdict(self, text: str, kind: int):
-        """The guard's verdict, or None after queueing the refusal (42501, or 42601 when
-        the text cannot be parsed). Without the guard: an empty verdict."""
+    def _reapply(self, reset: str, out: list[bytes]) -> None:
+        """Right after a client's reset (already in ``out``): its identity again, before any
+        later message. Its success lets the messages held meanwhile go; if the reset failed,
+        the server skips the re-apply and nothing changed."""
+        backend = self.backend
+        expect = self.pipeline.expect
+        out.append(switch.apply_messages(self.role, self.settings_for(backend), switch.new_nonce()))
+        expect(Expected(PARSE, SWITCH))
+        expect(Expected(BIND, SWITCH))
+        expect(Expected(EXECUTE, GUARD))
+        expect(Expected(EXECUTE, SYNTH, payload=msg.command_complete(_RESET_TAGS[reset])))
+        backend.unnamed_owner = None
+        if reset == switch.DISCARD:
+            backend.prepared.clear()
+            self.statements.clear()
+            self.unnamed = None
+        self.switch_pending, self.past_guard = True, False
+        self.session.server.metrics.count("pgproxy_identity_switches", "reset")
+
+    def _verdict(self, text: str, kind: int, out: list[bytes]):
+        """The guard's verdict, or None after queueing the refusal (42501), or the syntax
+        error (42601, PostgreSQL's own text and position). Without the guard: no verdict."""
         if self.policy is None:
             return None, True
         verdict = classify(text)
         reason = self.policy.refusal(verdict)
-        if reason:
-            self._refuse(text, reason, verdict.sqlstate, kind)
-            return verdict, False
-        return verdict, True
+        if not reason:
+            return verdict, True
+        if verdict.sqlstate == "42601":  # a typo, not a denial: PostgreSQL's error, audited as one
+            statement = self.session.new_statement(text, verdict=verdict)
+            self._answer_error(verdict.refusal, "42601", kind, out, getattr(verdict, "position", None), statement)
+        else:
+            self._refuse(text, reason, verdict.sqlstate, kind, out)
+        return verdict, False
 
-    def _refuse(self, text: str, reason: str, sqlstate: str, kind: int) -> None:
-        self._answer_error(f"statement refused by pgproxy: {reason}", sqlstate, kind)
+    def _refuse(self, text: str, reason: str, sqlstate: str, kind: int, out: list[bytes]) -> None:
+        self._answer_error(f"statement refused by pgproxy: {reason}", sqlstate, kind, out)
         self.session.record_denial(text, reason)
 
-    def _answer_error(self, message: str, sqlstate: str, kind: int) -> None:
-        """An ErrorResponse in the statement's place; the session carries on. A simple
-        query gets its ReadyForQuery; in the extended protocol the messages up to Sync
-        are dropped, as PostgreSQL does after an error."""
-        error = msg.error_response(ProxyFailure(message, sqlstate=sqlstate, severity="ERROR"))
+    def _answer_error(self, message: str, sqlstate: str, kind: int, out: list[bytes], position: int | None = None,
+                      statement=None) -> None:
+        """The proxy's error in the statement's place, and PostgreSQL's semantics with it: a
+        statement that fails is sent instead (REFUSED_SQL), so an open transaction fails
+        and, in the extended protocol, the server skips to Sync (the client's messages up
+        to Sync are dropped here too). The session carries on."""
+        error = msg.statement_error(sqlstate, message, position)
         if kind == QUERY:
-            error += msg.ready_for_query(self.txn_status)
+            out.append(_REFUSED_QUERY)
+            self.pipeline.expect(Expected(QUERY, REPLACE, statement=statement, payload=error))
         else:
-            self.skipping = True
-        self.pipeline.expect(Expected(kind, SYNTH, payload=error))
+            out.append(_REFUSED_PARSE)
+            self.pipeline.expect(Expected(PARSE, REPLACE, statement=statement, payload=error))
+            self.skipping = self.sync_owed = True
+        self.backend.unnamed_owner = None
+
+    def _refused_effects(self, effects, kind: int, text: str, out: list[bytes]) -> bool:
+        """Refuse what no role may do to the session's identity machinery; True if refused."""
+        if effects.refusal:
+            self._answer_error(effects.refusal, "0A000", kind, out)
+        elif effects.reset and not effects.alone:
+            self._answer_error(f"{effects.reset} must be sent as a statement of its own through pgproxy",
+                               "0A000", kind, out)
+        else:
+            return False
+        self.session.record_denial(text, effects.refusal or "reset inside a multi-statement query")
+        return True
 
     def _query(self, raw: bytes, out: list[bytes]) -> None:
         text = raw[5:-1].decode("utf-8", "replace")
-        verdict, allowed = self._verdict(text, QUERY)
+        verdict, allowed = self._verdict(text, QUERY, out)
         if not allowed:
             return
         effects = session_effects(text)
+        if effects is not NOTHING and self._refused_effects(effects, QUERY, text, out):
+            return
         backend = self.backend
         if effects.local and self._answer_locally(effects):
             return
-        if effects.pin and self.pooled and not self._pin(effects.pin, QUERY):
+        if effects.pin and self.pooled and not self._pin(effects.pin, QUERY, out):
             return
-        if effects.local == "discard_all":  # forwarded (session pooling, or pinned): it drops them all
-            self.statements.clear()
-            self.unnamed = None
-        out.append(raw)
-        self.pipeline.expect(Expected(QUERY, statement=self.session.new_statement(text, verdict=verdict)))
+        statement = self.session.new_statement(text, verdict=verdict)
+        if effects.settings and not self._carry(effects, statement, QUERY, out):
+            return
         backend.unnamed_owner = None  # a simple query replaces the unnamed statement
-        if effects.stale or effects.deallocates:
-            self._mark_stale(effects.deallocates)
+        if effects.reset and self.txn_status != b"E":
+            # The reset and the re-apply as one extended batch, answered as a simple query.
+            out.append(msg.parse_message("", text) + msg.bind_message("", "") + msg.execute_message())
+            self.pipeline.expect(Expected(PARSE, QUIET))
+            self.pipeline.expect(Expected(BIND, QUIET))
+            self.pipeline.expect(Expected(EXECUTE, QUIET, statement=statement))
+            self._reapply(effects.reset, out)
+            out.append(msg.SYNC)
+            self.pipeline.expect(Expected(SYNC))
+            return
+        out.append(raw)
+        self.pipeline.expect(Expected(QUERY, statement=statement))
+        if effects.deallocates:
+            self._deallocated()
 
-    def _mark_stale(self, deallocates: bool) -> None:
-        """The statement may undo the settings we applied (RESET ALL, DISCARD): switch again
-        before the next message. DEALLOCATE ALL / DISCARD ALL also drop prepared statements."""
+    def _execute(self, raw: bytes, out: list[bytes], next_kind: int | None) -> None:
+        portal = msg.parse_execute_portal(raw[5:])
+        text, params, formats = self.portals.get(portal, ("", None, None))
+        verdict = classify(text) if self.policy is not None and text else None
+        statement = self.session.new_statement(text, params, formats, verdict)
+        effects = session_effects(text) if text else NOTHING
+        if effects.reset and self.txn_status != b"E":
+            if next_kind != _S:
+                self._answer_error(f"{effects.reset} must be followed by Sync through pgproxy", "0A000",
+                                   EXECUTE, out)
+                self.session.record_denial(text, "reset not followed by Sync")
+                return
+            out.append(raw)
+            self.pipeline.expect(Expected(EXECUTE, QUIET, statement=statement))
+            self._reapply(effects.reset, out)
+            return
+        if effects.settings and not self._carry(effects, statement, EXECUTE, out):
+            return
+        out.append(raw)
+        self.pipeline.expect(Expected(EXECUTE, statement=statement))
+
+    def _carry(self, effects, statement, kind: int, out: list[bytes]) -> bool:
+        """Ordinary settings follow the client: taken along once the statement succeeds.
+        Inside a transaction block they could be rolled back with it: pin instead. False
+        if that pin was refused (the error is queued)."""
+        if self.txn_status == b"I":
+            statement.changes = effects.settings
+            return True
+        return not self.pooled or self._pin("SET", kind, out)
+
+    def _follow(self, changes) -> None:
+        """A SET/RESET of ordinary settings succeeded: they are the client's from now on,
+        re-applied wherever it lands, like its startup parameters."""
+        settings = dict(self.key[1])
+        exact = True  # the connection now carries exactly the new values
+        for name, value in changes:
+            for key in [k for k in settings if k.lower() == name]:
+                del settings[key]
+            if value is None:  # RESET / DEFAULT: back to what the client gave at startup
+                value, exact = self.session.startup_value(name), False
+            if name == "application_name":  # the identity's form, as at login
+                value, exact = f"{self.person[1]} via {value or 'unknown'}", False
+            if value is not None:
+                settings[name] = value
+        old, self.key = self.key, (self.person, tuple(sorted(settings.items())))
         backend = self.backend
-        backend.state_key = None
-        if deallocates:
-            backend.prepared.clear()
-            backend.person = None
-            backend.unnamed_owner = None
+        if backend is not None and backend.state_key == old:
+            backend.state_key = self.key if exact else None
+
+    def _deallocated(self) -> None:
+        """DEALLOCATE ALL reached the server: the connection's prepared statements are gone."""
+        self.backend.prepared.clear()
+        self.backend.unnamed_owner = None
 
     def _answer_locally(self, effects) -> bool:
         if not self.pooled:  # session pooling keeps the client's own statement names: PostgreSQL answers
@@ -300,13 +478,13 @@ class Relay:
         self.pipeline.expect(Expected(QUERY, SYNTH, payload=reply))
         return True
 
-    def _pin(self, reason: str, kind: int) -> bool:
+    def _pin(self, reason: str, kind: int, out: list[bytes]) -> bool:
         """Pin the client to its connection; False if refused (the error is queued)."""
         if self.pinned:
             return True
         if self.refuse_state:
             self._answer_error(f"{reason} outlives the transaction; not allowed with transaction pooling",
-                               "0A000", kind)
+                               "0A000", kind, out)
             self.session.record_pin(reason, refused=True)
             return False
         self.pinned = reason
@@ -315,14 +493,16 @@ class Relay:
 
     def _parse(self, raw: bytes, out: list[bytes]) -> None:
         parse = msg.parse_parse(raw[5:])
-        verdict, allowed = self._verdict(parse.query, PARSE)
+        verdict, allowed = self._verdict(parse.query, PARSE, out)
         if not allowed:
             return
         effects = session_effects(parse.query)
-        if effects.pin and self.pooled and not self._pin(effects.pin, PARSE):
+        if effects is not NOTHING and self._refused_effects(effects, PARSE, parse.query, out):
             return
-        if effects.stale or effects.deallocates:
-            self._mark_stale(effects.deallocates)
+        if effects.pin and self.pooled and not self._pin(effects.pin, PARSE, out):
+            return
+        if effects.deallocates:
+            self._deallocated()
         key = (parse.query, parse.param_types)
         if not self.pooled:  # session pooling: the connection is the client's, names pass unchanged
             if parse.statement:
@@ -458,6 +638,7 @@ class Relay:
     def _releasable(self) -> bool:
         return (self.pooled and self.txn_status == b"I" and not self.pipeline and not self.waiting and not self.pinned
                 and self.backend is not None and not self.switch_pending and not self.attaching
+                and not self.sync_owed and (not self.skipping or self.local_sync is not None)
                 and self.scanner.at_boundary)
 
     def _release(self) -> None:
@@ -473,8 +654,18 @@ class Relay:
         name, value = msg.parse_parameter_status(body)
         if self.backend is not None:
             self.backend.params[name] = value
+        if name == "client_encoding" and client_only_encoding(value):
+            # Every way to choose one is refused; reaching here means one was missed: end it.
+            if self.backend is not None:
+                self.backend.close("client-only client_encoding reached the connection", abort=True)
+            self.session.end(ProxyFailure("client-only encodings are not supported through pgproxy",
+                                          sqlstate="0A000", severity="FATAL",
+                                          log_detail=f"server reported client_encoding {value}"))
 
     def ready(self, status: bytes, idle: bool) -> None:
+        if self.changes_due:
+            changes, self.changes_due = self.changes_due, ()
+            self._follow(changes)
         self.txn_status = status
         self.idle_since = time.monotonic()
         if self.backend is not None:
@@ -482,6 +673,8 @@ class Relay:
 
     def statement_done(self, statement, outcome: str) -> None:
         self.session.audit_statement(statement, outcome)
+        if statement.changes and outcome == "ok":
+            self.changes_due += statement.changes  # taken at ReadyForQuery: an error first undoes them
 
     def statement_error(self, statement, body: bytes) -> None:
         statement.sqlstate = msg.parse_error_fields(body).get("C", "XX000")
@@ -489,6 +682,14 @@ class Relay:
     def failed(self, entry: Expected, body: bytes, statement) -> None:
         """An extended-protocol message failed; the server skips the rest up to Sync.
         ``statement``: the Execute it belongs to, if the batch has one."""
+        self.changes_due = ()  # the implicit transaction failed: the settings it made are undone
+        if not self.pipeline and self.backend is not None and self.local_sync is None:
+            # No Sync of the client's is due: sync the server now, so the connection is not held
+            # until the client sends one (it may never).
+            self.backend.write(msg.SYNC)
+            self.local_sync = Expected(SYNC, SWALLOW)
+            self.pipeline.expect(self.local_sync)
+            self.skipping, self.sync_owed = True, False
         text = self._unprepare(entry)
         if statement is None and entry.action in (FORWARD, QUIET) and entry.kind in (PARSE, BIND):
             statement = self.session.new_statement(text or "")
@@ -513,6 +714,8 @@ class Relay:
         self._unprepare(entry)
         if entry.statement is not None:
             self.session.audit_statement(entry.statement, "skipped")
+        if entry.action == GUARD:  # a re-apply skipped after its reset failed: nothing changed
+            self.switch_confirmed()
 
     def switch_confirmed(self) -> None:
         self.switch_pending = self.past_guard = False
@@ -564,11 +767,16 @@ class Relay:
             return
         for statement in self.pending_statements():
             self.session.audit_statement(statement, "client_gone", backend)
-        busy = bool(self.pipeline) or not self.scanner.at_boundary
-        self.pipeline.clear()
+        busy = bool(self.pipeline) or self.sync_owed or not self.scanner.at_boundary
         if busy:
-            self.pool.release(backend, False, reason=f"client left mid-request ({reason})", busy=True)
-        elif not self.pooled or self.pinned or self.txn_status != b"I":
+            # The server still owes a ReadyForQuery per Sync and Query sent (its replies to
+            # what the proxy synthesized excepted). An unsynced batch gets no Sync: that would
+            # commit it; logging out rolls it back.
+            owed = sum(1 for e in self.pipeline.pending() if e.kind in (SYNC, QUERY) and e.action != SYNTH)
+            self.pipeline.clear()
+            self.pool.drain(backend, self.scanner, owed, reason=f"client left mid-request ({reason})")
+            return
+        if not self.pooled or self.pinned or self.txn_status != b"I":
             self.pool.release(backend, True, reason=reason)  # reset: the session's own state goes
         else:
             self.pool.give_back(backend)

@@ -32,9 +32,10 @@ import time
 
 from pgproxy.errors import (PgProxyError, ProxyFailure, insecure_transport, no_user_name, not_authorized,
                             protocol_violation, too_many_clients, unsupported)
-from pgproxy.frontend.startup import client_settings, session_settings, switch_sql, text_array
+from pgproxy.frontend.startup import client_settings, session_settings, text_array
 from pgproxy.frontend.relay import Relay
 from pgproxy.protocol import messages as msg
+from pgproxy.protocol import switch
 from pgproxy.protocol.framing import MessageReader, read_startup_packet
 from pgproxy.roles import map_role
 from pgproxy.tls import certificate_common_name, feed_protocol, plaintext_allowed
@@ -43,6 +44,10 @@ log = logging.getLogger("pgproxy.session")
 
 _CLIENT_TYPES = frozenset(b"QPBESHCDXFdcfp")
 _X = ord("X")
+# Before authentication the only message is one PasswordMessage: a token (at most 16 KiB,
+# auth/jwt.py) or a password. Bounding it here keeps an unauthenticated client from
+# making the proxy buffer up to server.max_message_size; READY switches to that limit.
+MAX_PASSWORD_MESSAGE = 32 * 1024
 
 
 class SessionState(enum.Enum):
@@ -56,13 +61,14 @@ class SessionState(enum.Enum):
 class _Statement:
     """One statement on its way through the database, for its audit record."""
 
-    __slots__ = ("text", "params", "formats", "started", "t0", "tags", "sqlstate", "verdict")
+    __slots__ = ("text", "params", "formats", "started", "t0", "tags", "sqlstate", "verdict", "changes")
 
     def __init__(self, text: str, params=None, formats=None, verdict=None) -> None:
         self.text, self.params, self.formats, self.verdict = text, params, formats, verdict
         self.started, self.t0 = time.time(), time.perf_counter()
         self.tags: list[bytes] = []  # raw CommandComplete bodies; the audit writer parses them
         self.sqlstate: str | None = None
+        self.changes = ()  # settings the client takes along once this succeeds (session_state.py)
 
 
 class ClientSession(asyncio.Protocol):
@@ -87,7 +93,7 @@ class ClientSession(asyncio.Protocol):
         self.cancel_key: tuple[int, int] | None = None
         self.audit_prefix = ""  # this session's members of every statement record, as JSON
         self._startup_buf = bytearray()
-        self._reader = MessageReader(server.cfg.server.max_message_size)
+        self._reader = MessageReader(MAX_PASSWORD_MESSAGE)  # until READY: see _finish_login
         self._settings: dict[str, str] = {}
         self._close_reason = ""
         self._auth_timer: asyncio.TimerHandle | None = None
@@ -172,6 +178,10 @@ class ClientSession(asyncio.Protocol):
     @property
     def application_name(self) -> str:
         return self._settings.get("application_name", "")
+
+    def startup_value(self, name: str) -> str | None:
+        """The value the client gave a setting at startup (names are case-insensitive)."""
+        return next((v for k, v in self._settings.items() if k.lower() == name), None)
 
     # --- errors and exits --------------------------------------------------------------
 
@@ -364,7 +374,7 @@ class ClientSession(asyncio.Protocol):
 
     async def _take_backend(self) -> None:
         server = self.server
-        pool = server.pool_for(self.database)
+        pool = server.pool_for(self.database, self.role)
         transaction_mode = server.pool_mode_for(self.database, self.role) == "transaction"
         backend = await pool.acquire()
         identity = self.identity
@@ -381,15 +391,18 @@ class ClientSession(asyncio.Protocol):
         settings = session_settings(self._settings, {**policy_settings, **identity_settings})
         person = (self.role, identity.username, identity.groups, identity.auth_method, identity.subject)
         relay = Relay(self, pool, self.role, person, settings, server.cfg.backend, pooled=transaction_mode,
-                      policy=policy)
+                      policy=policy, signer=server.identity_signer(identity))
         try:
             if self.state is not SessionState.CLOSED and backend.state_key != relay.key:
                 backend.switches += 1
-                await backend.run(switch_sql(self.role, settings, deallocate=True, nonce=backend.switches))
+                # The same switch the relay sends (protocol/switch.py), waited for here.
+                await backend.exchange(switch.reset_messages(switch.DISCARD)
+                                       + switch.apply_messages(self.role, relay.settings_for(backend),
+                                                               switch.new_nonce()) + msg.SYNC, 1)
                 backend.forget_state()
                 backend.state_key, backend.person = relay.key, person
         except ProxyFailure as exc:
-            # The switch runs as one implicit transaction: on error nothing was applied.
+            # The apply is one statement: on error nothing of it was applied.
             backend.forget_state()
             pool.release(backend, reusable=not backend.broken, reason="identity switch failed")
             if exc.sqlstate.startswith(("42", "28")):
@@ -418,6 +431,7 @@ class ClientSession(asyncio.Protocol):
         out += [msg.parameter_status(k, v) for k, v in params.items()]
         out += [msg.backend_key_data(*self.cancel_key), msg.ready_for_query(b"I")]
         self.transport.write(b"".join(out))
+        self._reader = MessageReader(self.server.cfg.server.max_message_size)  # logged in: the normal bound
         self.state = SessionState.READY
         if self._auth_timer:
             self._auth_timer.cancel()
@@ -475,7 +489,8 @@ class ClientSession(asyncio.Protocol):
     def janitor_tick(self, now: float, idle_in_transaction_s: float) -> None:
         relay = self.relay
         if (relay is not None and idle_in_transaction_s and relay.backend is not None and not relay.active
-                and relay.txn_status in (b"T", b"E") and now - relay.idle_since > idle_in_transaction_s):
+                and (relay.txn_status in (b"T", b"E") or relay.sync_owed)
+                and now - relay.idle_since > idle_in_transaction_s):
             self._fail(ProxyFailure("terminating connection due to idle-in-transaction timeout",
                                     sqlstate="25P03", severity="FATAL"))
 

@@ -1,4 +1,4 @@
-"""Which client startup parameters reach PostgreSQL, and how SQL for the identity is built.
+"""Which client startup parameters reach PostgreSQL, and the identity settings' values.
 
 Pure functions. A client may not choose its role or identity: ``role``,
 ``session_authorization``, ``replication`` and anything in the ``pgproxy.`` namespace
@@ -9,6 +9,7 @@ are refused, whether given directly or inside ``options`` (``-c role=x``,
 from __future__ import annotations
 
 from pgproxy.errors import forbidden_parameter, protocol_violation, unsupported
+from pgproxy.policy.session_state import client_only_encoding
 
 IDENTITY_NAMESPACE = "pgproxy."
 FORBIDDEN = {"role", "session_authorization", "replication", "is_superuser"}
@@ -29,19 +30,25 @@ def client_settings(params: dict[str, str]) -> tuple[dict[str, str], list[str]]:
             continue
         if name == "options":
             for opt_name, opt_value in parse_options(value).items():
-                _check(opt_name)
+                _check(opt_name, opt_value)
                 settings[opt_name] = opt_value
             continue
-        _check(name)
+        _check(name, value)
         settings[name] = value
     if len(settings) > MAX_SETTINGS:
         raise protocol_violation("too many startup parameters")
     return settings, protocol_options
 
 
-def _check(name: str) -> None:
+def _check(name: str, value: str) -> None:
     if name in FORBIDDEN or name.startswith(IDENTITY_NAMESPACE) or not name:
         raise forbidden_parameter(name)
+    if name == "standard_conforming_strings" and value.strip().lower() not in ("on", "true", "yes", "1"):
+        raise unsupported("standard_conforming_strings other than on")
+    if name == "client_encoding" and client_only_encoding(value):
+        # In these a character's second byte can look like a quote or backslash: what the
+        # proxy reads and what PostgreSQL reads could differ (policy/session_state.py).
+        raise unsupported(f"client_encoding {value} (client-only encodings are not supported; use UTF8)")
 
 
 def parse_options(options: str) -> dict[str, str]:
@@ -104,29 +111,7 @@ def text_array(items) -> str:
     return "{" + ",".join('"' + i.replace("\\", "\\\\").replace('"', '\\"') + '"' for i in items) + "}"
 
 
-SWITCH_NONCE = "pgproxy.switch"
-
-
 def session_settings(client: dict[str, str], identity: dict[str, str]) -> dict[str, str]:
     """Everything a backend connection must carry for one client: the identity settings win
     over a client setting of the same name (application_name)."""
     return {**client, **identity}
-
-
-def switch_sql(role: str, settings: dict[str, str], *, deallocate: bool, nonce: int) -> str:
-    """One simple query that makes a backend connection someone's: their role, only their
-    settings (RESET ALL drops the previous client's), their identity settings, and a nonce
-    that a guard statement checks before any of the client's statements may run.
-
-    A multi-statement query runs as one implicit transaction: it applies whole or not at all.
-    ``deallocate``: the connection served another person, whose prepared statements go.
-    """
-    calls = [f"set_config({quote_literal(k)}, {quote_literal(v)}, false)" for k, v in settings.items()]
-    calls.append(f"set_config('{SWITCH_NONCE}', '{nonce}', false)")
-    drop = "DEALLOCATE ALL; " if deallocate else ""
-    return f"SET ROLE {quote_ident(role)}; RESET ALL; {drop}SELECT {', '.join(calls)}"
-
-
-def guard_sql(nonce: int) -> str:
-    """Fails (division by zero) unless the switch carrying ``nonce`` took effect."""
-    return f"SELECT 1/coalesce((current_setting('{SWITCH_NONCE}', true) = '{nonce}')::int, 0)"

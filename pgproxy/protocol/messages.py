@@ -47,10 +47,16 @@ def notice_response(sqlstate: str, text: str, severity: str = "NOTICE") -> bytes
     return _fields_message(b"N", severity, sqlstate, text)
 
 
-def _fields_message(kind: bytes, severity: str, sqlstate: str, text: str) -> bytes:
+def _fields_message(kind: bytes, severity: str, sqlstate: str, text: str, position: int | None = None) -> bytes:
     body = (b"S" + cstr(severity) + b"V" + cstr(severity) + b"C" + cstr(sqlstate)
-            + b"M" + cstr(text) + b"\0")
+            + b"M" + cstr(text) + (b"P" + cstr(str(position)) if position else b"") + b"\0")
     return message(kind, body)
+
+
+def statement_error(sqlstate: str, text: str, position: int | None = None) -> bytes:
+    """An ERROR about one statement (the session carries on), with PostgreSQL's P field
+    (1-based character position in the statement) when known."""
+    return _fields_message(b"E", "ERROR", sqlstate, text, position)
 
 
 def ready_for_query(status: bytes = b"I") -> bytes:
@@ -105,9 +111,11 @@ def parse_message(statement: str, text: str, param_types: tuple[int, ...] = ()) 
     return message(b"P", cstr(statement) + cstr(text) + _I16.pack(len(param_types)) + types)
 
 
-def bind_message(portal: str, statement: str) -> bytes:
-    """Bind without parameters, results in text."""
-    return message(b"B", cstr(portal) + cstr(statement) + _I16.pack(0) + _I16.pack(0) + _I16.pack(0))
+def bind_message(portal: str, statement: str, params: list[bytes] | tuple = ()) -> bytes:
+    """Bind with text parameters (none by default); results in text."""
+    values = b"".join(_I32.pack(len(p)) + p for p in params)
+    return message(b"B", cstr(portal) + cstr(statement) + _I16.pack(0) + _I16.pack(len(params)) + values
+                   + _I16.pack(0))
 
 
 def execute_message(portal: str = "", max_rows: int = 0) -> bytes:

@@ -26,6 +26,9 @@ what reaches the client:
     SYNTH      bytes the proxy made (ParseComplete for a skipped Parse); no server reply
     SWITCH     nothing; an error means the identity switch failed
     GUARD      nothing; its success confirms the switch, its error means it failed
+    REPLACE    a statement the proxy sent to fail in the client's place (a refusal): the
+               server's error is replaced by ``payload``, the proxy's own; what follows it
+               (ReadyForQuery) is forwarded — so the transaction fails as PostgreSQL's would
 
 Pure: ``server(chunk, found)`` takes a chunk and the scanner's wanted messages with
 their end offsets, and returns the bytes for the client; events go to the owner
@@ -39,7 +42,7 @@ from __future__ import annotations
 from itertools import islice
 
 PARSE, BIND, CLOSE, DESCRIBE, EXECUTE, SYNC, QUERY = range(7)
-FORWARD, QUIET, SWALLOW, SYNTH, SWITCH, GUARD = range(6)
+FORWARD, QUIET, SWALLOW, SYNTH, SWITCH, GUARD, REPLACE = range(7)
 
 _ENDS = {PARSE: b"1", BIND: b"2", CLOSE: b"3", DESCRIBE: b"Tn", EXECUTE: b"CIs", SYNC: b"Z", QUERY: b"Z"}
 _ENDS = {kind: frozenset(chars) for kind, chars in _ENDS.items()}
@@ -84,6 +87,15 @@ class Pipeline:
         self._special = 0
         self._held = b""
 
+    def forward(self, entry: Expected) -> bool:
+        """Forward ``entry``'s reply after all (it was to be swallowed); False if it has ended."""
+        if entry not in self.pending():
+            return False
+        if entry.action != FORWARD:
+            entry.action = FORWARD
+            self._special -= 1
+        return True
+
     def synthesized(self) -> list[bytes]:
         """Replies the proxy makes that are due now (their turn has come)."""
         out = []
@@ -121,6 +133,12 @@ class Pipeline:
             if kind == _sE:
                 if head.action == QUIET:
                     out.append(self._held)
+                elif head.action == REPLACE:
+                    out.append(head.payload)
+                    self._held = b""
+                    if head.kind == QUERY:  # the rest of its reply (ReadyForQuery) is the client's
+                        head.action = FORWARD
+                        self._special -= 1
                 elif head.action in (SWITCH, GUARD):
                     owner.switch_failed(body)
                     return []  # the session ends; nothing more goes to the client

@@ -64,7 +64,59 @@ ESCAPES = [
     "SELECT query_to_xml('SELECT set_config(''role'', ''other_role'', false)', true, true, '')",
     "SELECT * FROM ts_stat('SELECT to_tsvector(set_config(''role'', ''other_role'', false))')",
     "SELECT pg_catalog.query_to_xmlschema('SELECT 1', true, true, '')",
+    "SELECT query_to_xml_and_xmlschema('SELECT set_config(''role'', ''other_role'', false)', true, true, '')",
+    "SELECT ts_rewrite('a'::tsquery, 'SELECT set_config(''role'', ''other_role'', false)::tsquery, ''a''::tsquery')",
+    "SELECT pg_catalog.ts_rewrite('a'::tsquery, 'SELECT set_config(''pgproxy.user'', ''mallory'', false)::tsquery, "
+    "''a''::tsquery')",
+    "SELECT * FROM ts_rewrite('a'::tsquery, 'SELECT set_config(''role'', ''other_role'', true)::tsquery, ''a''::tsquery')",
+    # set_config fed by what only looks like pg_settings' name column
+    "WITH pg_settings AS (SELECT 'role' AS name) SELECT set_config(name, 'other_role', false) FROM pg_settings "
+    "WHERE name = 'role'",
+    "WITH pg_settings AS (SELECT 'role' AS name) SELECT set_config(name, 'other_role', false) FROM pg_settings "
+    "WHERE name LIKE 'rol%'",
+    "SELECT set_config(name, 'other_role', false) FROM (SELECT 'role' AS name) pg_settings WHERE name = 'x' OR true",
+    "SELECT set_config(r.name, 'other_role', false) FROM pg_settings, (SELECT 'role' AS name) r "
+    "WHERE pg_settings.name = 'work_mem'",
+    "SELECT set_config(lower(name), 'other_role', false) FROM (VALUES ('ROLE')) pg_settings (name) "
+    "WHERE lower(name) = 'role'",
+    "SELECT set_config((SELECT 'role'), 'other_role', false) FROM pg_settings WHERE name = 'work_mem'",
+    "SELECT set_config(new_value => 'other_role', setting_name => 'role', is_local => false)",
+    "CREATE TEMP VIEW pg_settings AS SELECT 'role'::text AS name",
+    # functions that are not built-ins, in every place a call can stand (each would SET ROLE)
+    "SELECT public.guard_become_other()", "SELECT guard_become_other()", "SELECT * FROM public.guard_become_other()",
+    "SELECT 1 WHERE public.guard_become_other() IS NOT NULL", "CALL public.guard_become_other_proc()",
+    "SELECT public.guard_agg(1)", "SELECT public.guard_agg(x) OVER () FROM generate_series(1, 2) x",
+    "SELECT public.guard_become_named(who => 'other_role')", "SELECT 1 OPERATOR(public.===) 2",
+    "EXPLAIN ANALYZE SELECT public.guard_become_other()", "PREPARE trap2 AS SELECT public.guard_become_other()",
+    "COPY (SELECT public.guard_become_other()) TO STDOUT", "VALUES (public.guard_become_other())",
+    "WITH x AS (SELECT public.guard_become_other()) SELECT * FROM x",
+    "SELECT count(*) FROM items WHERE name = public.guard_become_other()",
+    "CREATE TEMP TABLE trap2 (a text DEFAULT public.guard_become_other())",
+    "SELECT 1; SELECT public.guard_become_other()",
 ]
+
+# Not built-ins: each runs SET ROLE other_role as its caller.
+ESCAPE_FUNCTIONS = """
+CREATE OR REPLACE FUNCTION public.guard_become_other() RETURNS text LANGUAGE plpgsql
+    AS $$BEGIN EXECUTE 'SET ROLE other_role'; RETURN current_user; END$$;
+CREATE OR REPLACE FUNCTION public.guard_become_named(who text) RETURNS text LANGUAGE plpgsql
+    AS $$BEGIN EXECUTE format('SET ROLE %I', who); RETURN current_user; END$$;
+CREATE OR REPLACE PROCEDURE public.guard_become_other_proc() LANGUAGE plpgsql
+    AS $$BEGIN EXECUTE 'SET ROLE other_role'; END$$;
+CREATE OR REPLACE FUNCTION public.guard_step(s int, x int) RETURNS int LANGUAGE plpgsql
+    AS $$BEGIN EXECUTE 'SET ROLE other_role'; RETURN coalesce(s, 0) + x; END$$;
+CREATE OR REPLACE AGGREGATE public.guard_agg(int) (SFUNC = public.guard_step, STYPE = int);
+CREATE OR REPLACE FUNCTION public.guard_equal(a int, b int) RETURNS boolean LANGUAGE plpgsql
+    AS $$BEGIN EXECUTE 'SET ROLE other_role'; RETURN a = b; END$$;
+DROP OPERATOR IF EXISTS public.=== (int, int);
+CREATE OPERATOR public.=== (LEFTARG = int, RIGHTARG = int, FUNCTION = public.guard_equal);
+CREATE OR REPLACE FUNCTION public.guard_harmless() RETURNS text LANGUAGE sql AS $$SELECT 'harmless'$$;
+"""
+
+
+@pytest.fixture(scope="module", autouse=True)
+def escape_functions(database):
+    database.psql(ESCAPE_FUNCTIONS, database="demo")
 
 WHO = "SELECT current_user, session_user, current_setting('pgproxy.user'), current_setting('pgproxy.groups')"
 
@@ -121,6 +173,10 @@ def test_turning_the_guard_off_is_logged_loudly(base_config, issuer):
         assert "E" not in [k for k, _ in _simple(wire, "SET ROLE other_role")]  # what the guard prevents
         assert b"other_role" in _identity(wire)
         wire.close()
+        wire, _ = login(proxy.port, "alice", issuer.mint("alice", ["sales_emea"]))
+        assert "E" not in [k for k, _ in _simple(wire, "SELECT public.guard_become_other()")]  # so does this
+        assert b"other_role" in _identity(wire)
+        wire.close()
     finally:
         assert proxy.stop() == 0
 
@@ -149,10 +205,10 @@ def test_ordinary_statements_pass_and_are_classified_in_the_audit(guarded, issue
     wire, _ = login(guarded.port, "alice", issuer.mint("alice", ["sales_emea"]))
     for sql in ("SELECT count(*) FROM orders", "INSERT INTO items VALUES (8801, 'guard') ON CONFLICT DO NOTHING",
                 "WITH gone AS (DELETE FROM items WHERE id = 8801 RETURNING id) SELECT count(*) FROM gone",
-                "SELECT set_config('app.tenant', 'emea', false)", "SET search_path = public", "SELECT 1; RESET ALL"):
+                "SELECT set_config('app.tenant', 'emea', false)", "SET search_path = public", "RESET ALL"):
         assert "E" not in [k for k, _ in _simple(wire, sql)], sql
     assert b"alice" in _identity(wire)  # RESET ALL at the end: the identity is back before the next query
-    records = {r["statement"]: r for r in guarded.audit(lambda r: r.get("statement") == "SELECT 1; RESET ALL")
+    records = {r["statement"]: r for r in guarded.audit(lambda r: r.get("statement") == "RESET ALL")
                if r.get("event") == "statement"}
     assert records["SELECT count(*) FROM orders"]["classes"] == ["READ"]
     assert records["SELECT count(*) FROM orders"]["relations"] == ["orders"]
@@ -169,7 +225,8 @@ def test_a_read_only_role_cannot_write_not_even_through_a_function(base_config, 
         GRANT EXECUTE ON FUNCTION public.sneaky_write() TO ai_agent;
     """, database="demo")
     config = merge(base_config, {"roles": [{"group": "agents", "role": "ai_agent"}],
-                                 "policies": [{"role": "ai_agent", "read_only": True, "statement_timeout_ms": 5000}]})
+                                 "policies": [{"role": "ai_agent", "read_only": True, "statement_timeout_ms": 5000,
+                                               "allowed_functions": ["public.sneaky_write"]}]})
     for mode in ("session", "transaction"):
         proxy = ProxyProcess(merge(config, {"backend": {"pool_mode": mode}}))
         wire = None
@@ -184,7 +241,7 @@ def test_a_read_only_role_cannot_write_not_even_through_a_function(base_config, 
                 for send in (_simple, _extended):
                     errors = [error_fields(b) for k, b in send(wire, sql) if k == "E"]
                     assert [e["C"] for e in errors] == ["42501"], (mode, sql, errors)
-            # A function the role may execute tries to write: the database refuses (read-only transaction).
+            # A function the policy allows tries to write: the database refuses (read-only transaction).
             errors = [error_fields(b) for k, b in _simple(wire, "SELECT public.sneaky_write()") if k == "E"]
             assert [e["C"] for e in errors] == ["25006"], errors
             replies = _simple(wire, "SELECT current_setting('statement_timeout'), count(*) FROM items WHERE id = 9901")
@@ -194,3 +251,26 @@ def test_a_read_only_role_cannot_write_not_even_through_a_function(base_config, 
                 wire.close()
             assert proxy.stop() == 0
     assert database.psql("SELECT count(*) FROM items WHERE id IN (9900, 9901)", database="demo") == "0"
+
+
+def test_functions_the_configuration_allows_are_called_and_others_refused_by_name(base_config, issuer):
+    config = merge(base_config, {"guard": {"allowed_functions": ["public.guard_harmless"]},
+                                 "policies": [{"role": "amer_analyst", "allowed_functions": ["guard_become_other"]}]})
+    proxy = ProxyProcess(config)
+    try:
+        wire, _ = login(proxy.port, "alice", issuer.mint("alice", ["sales_emea"]))
+        replies = _simple(wire, "SELECT public.guard_harmless()")
+        assert [k for k, _ in replies] == ["T", "D", "C", "Z"] and b"harmless" in replies[1][1]
+        for sql, named in (("SELECT guard_harmless()", "function guard_harmless()"),  # unqualified: not listed
+                           ("SELECT public.guard_become_other()", "function public.guard_become_other()")):
+            errors = [error_fields(b) for k, b in _simple(wire, sql) if k == "E"]
+            assert [e["C"] for e in errors] == ["42501"] and named in errors[0]["M"], (sql, errors)
+        assert b"emea_analyst" in _identity(wire)
+        wire.close()
+        # amer_analyst's policy lists the function by name (any schema): it runs, and does what it does.
+        wire, _ = login(proxy.port, "bob", issuer.mint("bob", ["sales_amer"]))
+        assert "E" not in [k for k, _ in _simple(wire, "SELECT public.guard_harmless(), guard_become_other()")]
+        assert b"other_role" in _identity(wire)
+        wire.close()
+    finally:
+        assert proxy.stop() == 0

@@ -2,7 +2,9 @@
 
 psql and PgJDBC log in with a directory password; groups map to roles; refusals for
 wrong, empty and injected credentials, locked and denied accounts and an unreachable
-directory; group removal and locking take effect within the cache TTL."""
+directory; group removal and locking take effect within the cache TTL; another spelling
+of a user name (case, spaces) is refused, or becomes the directory's spelling, so role
+rules, pgproxy.user and operator blocks see one person."""
 
 from __future__ import annotations
 
@@ -13,12 +15,15 @@ import sys
 import time
 from pathlib import Path
 
+import json
+
+import ldap3
 import psycopg
 import pytest
 
 from pgproxy.pgcluster import free_port
 from tests.support.directory import PASSWORDS, SEARCH_DN, SEARCH_PASSWORD, SUFFIX, Slapd
-from tests.support.ops import scrape, value
+from tests.support.ops import http_get, scrape, value
 from tests.support.proxy import ProxyProcess, merge
 from tests.support.wire import login_error
 
@@ -178,5 +183,101 @@ def test_service_accounts_log_in_with_their_own_role_and_are_audited_by_name(bas
         insert = [r for r in records if "7001" in r.get("statement", "")]
         assert insert and insert[0]["user"] == "svc:etl_nightly" and insert[0]["role"] == "etl_writer"
         assert secret not in proxy.log() and secret not in proxy.audit_path.read_text()
+    finally:
+        assert proxy.stop() == 0
+
+
+ADMIN_TOKEN = "ldap-test-admin-token-0123456789"
+SPELLINGS = ["ALICE", "Alice", " alice", "alice ", "  alice  ", "alice\u00a0"]
+
+
+@pytest.mark.parametrize("case_insensitive", [False, True], ids=["exact", "case_insensitive"])
+@pytest.mark.parametrize("mode", ["bind", "search"])
+def test_other_spellings_of_a_user_are_refused_or_become_the_directory_spelling(
+        base_config, directory, tmp_path, mode, case_insensitive):
+    unlock(directory, "alice")
+    ldap = {"username_case_insensitive": case_insensitive}
+    auth = bind_mode(directory, **ldap) if mode == "bind" else search_mode(directory, tmp_path, **ldap)
+    token = tmp_path / "admin-token"
+    token.write_text(ADMIN_TOKEN + "\n")
+    http_port = free_port()
+    # A [[roles]] rule for alice by name: it must apply to every accepted spelling of her.
+    roles = [{"user": "alice", "role": "other_role"}, *base_config["roles"]]
+    proxy = ProxyProcess(merge(base_config, merge(auth, {
+        "roles": roles, "http": {"listen": f"127.0.0.1:{http_port}", "admin_token_file": str(token)}})))
+    sql = "SELECT current_user, current_setting('pgproxy.user')"
+    opened = []
+    try:
+        def connect(user: str) -> psycopg.Connection:
+            conn = psycopg.connect(host="127.0.0.1", port=proxy.port, dbname="demo", user=user,
+                                   password=PASSWORDS["alice"], autocommit=True)
+            opened.append(conn)
+            return conn
+
+        assert connect("alice").execute(sql).fetchone() == ("other_role", "alice")
+        for user in SPELLINGS:
+            if case_insensitive and user == user.strip():  # ALICE, Alice: mapped to the directory's alice
+                assert connect(user).execute(sql).fetchone() == ("other_role", "alice"), user
+            else:
+                refused = login_error(proxy.port, user, PASSWORDS["alice"])
+                assert refused["C"] == "28P01" and refused["M"].startswith("authentication failed"), user
+        log = proxy.log()
+        assert "whitespace in the user name" in log
+        if not case_insensitive:
+            assert "names another user ('alice', not 'ALICE', compared exactly)" in log
+        starts = session_starts(proxy, 3 if case_insensitive else 1)
+        assert {(r["user"], r["subject"]) for r in starts} == {("alice", f"uid=alice,ou=people,{SUFFIX}")}
+
+        # An operator's block on alice ends every session of hers, however she spelled the name ...
+        status, body = http_get(http_port, "/admin/terminate?user=alice&block_s=60", "POST", ADMIN_TOKEN)
+        assert status == 200 and json.loads(body)["sessions_ended"] == len(opened)
+        for conn in opened:
+            with pytest.raises(psycopg.OperationalError):
+                conn.execute("SELECT 1")
+        # ... and holds against every spelling (alice's own login is in the success cache, too).
+        for user in ["alice", *SPELLINGS]:
+            refused = login_error(proxy.port, user, PASSWORDS["alice"])
+            expected = "28000" if user == "alice" or (case_insensitive and user == user.strip()) else "28P01"
+            assert refused["C"] == expected, (user, refused)
+        assert "blocked by an operator" in proxy.log()
+        assert PASSWORDS["alice"] not in proxy.log()
+    finally:
+        for conn in opened:
+            conn.close()
+        assert proxy.stop() == 0
+
+
+def unlock(directory: Slapd, uid: str) -> None:
+    """Undo Slapd.lock (an earlier test locks alice); no lock is fine too."""
+    with directory.admin() as conn:
+        conn.modify(f"uid={uid},ou=people,{SUFFIX}", {"pwdAccountLockedTime": [(ldap3.MODIFY_DELETE, [])]})
+        assert conn.result["result"] in (0, 16), conn.result  # 16: there was no lock
+
+
+def session_starts(proxy: ProxyProcess, count: int) -> list[dict]:
+    """The audit's session_start records once there are ``count`` (the writer is asynchronous)."""
+    deadline = time.monotonic() + 5
+    while True:
+        starts = [r for r in proxy.audit() if r.get("event") == "session_start"]
+        if len(starts) >= count or time.monotonic() > deadline:
+            assert len(starts) == count, starts
+            return starts
+        time.sleep(0.05)
+
+
+def test_the_user_name_attribute_is_configurable_and_must_be_readable(base_config, directory):
+    unlock(directory, "alice")
+    # cn holds the same value as uid in this directory: logins work as before.
+    proxy = ProxyProcess(merge(base_config, bind_mode(directory, username_attribute="cn")))
+    try:
+        assert psql(proxy, "alice", PASSWORDS["alice"], "SELECT current_setting('pgproxy.user')").stdout.strip() \
+            == "alice"
+    finally:
+        assert proxy.stop() == 0
+    # An attribute the entry does not have: no user name to trust, so no login.
+    proxy = ProxyProcess(merge(base_config, bind_mode(directory, username_attribute="employeeNumber")))
+    try:
+        assert login_error(proxy.port, "alice", PASSWORDS["alice"])["C"] == "28P01"
+        assert "the entry has 0 values of employeeNumber" in proxy.log()
     finally:
         assert proxy.stop() == 0

@@ -50,7 +50,9 @@ def test_clients_take_turns_on_one_connection_each_as_themselves(one_connection,
 
 @pytest.mark.parametrize("statement, check", [
     ("CREATE TEMP TABLE scratch (x int)", "SELECT to_regclass('pg_temp.scratch') IS NOT NULL"),
-    ("SET statement_timeout = '4321s'", "SELECT current_setting('statement_timeout') = '4321s'"),
+    ("SET myapp.mark = 'alice-was-here'", "SELECT coalesce(current_setting('myapp.mark', true), '') = 'alice-was-here'"),
+    ("SET SESSION CHARACTERISTICS AS TRANSACTION ISOLATION LEVEL SERIALIZABLE",
+     "SELECT current_setting('default_transaction_isolation') = 'serializable'"),
     ("LISTEN alice_channel", "SELECT count(*) > 0 FROM pg_listening_channels()"),
     ("BEGIN; DECLARE held CURSOR WITH HOLD FOR SELECT 1; COMMIT", "SELECT count(*) > 0 FROM pg_cursors"),
     ("SELECT set_config('app.custom', 'alice-was-here', false)",
@@ -75,6 +77,33 @@ def test_session_state_pins_the_client_and_never_reaches_another(make_proxy, iss
     with _bob(proxy, issuer) as bob:  # alice left: her connection was reset before reuse
         for _ in range(4):
             assert bob.execute(check).fetchone() == (False,)
+
+
+@pytest.mark.parametrize("statement, name, value", [
+    ("SET statement_timeout = '4321s'", "statement_timeout", "4321s"),
+    ("SET extra_float_digits = 3", "extra_float_digits", "3"),
+    ("set DateStyle to 'SQL, DMY'", "DateStyle", "SQL, DMY"),
+    ("SET search_path = \"$user\", public", "search_path", '"$user", public'),
+    ("SET TIME ZONE 'Asia/Tokyo'", "TimeZone", "Asia/Tokyo"),
+    ("SET application_name = 'report'", "application_name", "alice via report"),
+])
+def test_ordinary_settings_follow_the_client_instead_of_pinning_it(make_proxy, issuer, statement, name, value):
+    proxy = make_proxy(backend={"pool_mode": "transaction", "pool_size": 2})
+    with _alice(proxy, issuer) as alice, _bob(proxy, issuer) as bob:
+        before = bob.execute(f"SELECT current_setting('{name}')").fetchone()[0]
+        alice.execute(statement)
+        seen = set()
+        for _ in range(6):  # alice and bob alternate over both connections
+            pid, setting = alice.execute(f"SELECT pg_backend_pid(), current_setting('{name}')").fetchone()
+            seen.add(pid)
+            assert setting == value if name != "application_name" else setting in (value, "report")
+            assert bob.execute(f"SELECT current_setting('{name}')").fetchone()[0] == before
+            with bob.transaction():  # bob holds one connection: alice must take the other
+                bob.execute("SELECT 1")
+                assert alice.execute(f"SELECT current_setting('{name}')").fetchone()[0] in (value, "report")
+        alice.execute(f"RESET {name if name != 'TimeZone' else 'timezone'}")
+        assert alice.execute(f"SELECT current_setting('{name}')").fetchone()[0] == before.replace("bob", "alice")
+    assert not [r for r in proxy.audit() if r.get("event") == "pin"]
 
 
 def test_refuse_mode_answers_0A000_and_the_session_carries_on(make_proxy, issuer):
@@ -197,3 +226,14 @@ def test_startup_settings_follow_each_client_across_a_shared_connection(one_conn
                 "Asia/Tokyo", "German, DMY")
         assert alice.info.parameter_status("TimeZone") == "UTC"  # the switches' reports never reach them
         assert bob.info.parameter_status("DateStyle") == "German, DMY"
+
+
+def test_an_exhausted_pool_says_that_pinned_sessions_hold_it(make_proxy, issuer):
+    proxy = make_proxy(backend={"pool_mode": "transaction", "pool_size": 1, "acquire_timeout_s": 1})
+    with _alice(proxy, issuer) as alice, _bob(proxy, issuer) as bob:
+        alice.execute("LISTEN alice_channel")  # pins alice to the only connection
+        with pytest.raises(psycopg.OperationalError) as timed_out:
+            bob.execute("SELECT 1")
+        assert "1 of its connections are held by pinned sessions (LISTEN)" in str(timed_out.value)
+        assert "alice" not in str(timed_out.value)  # who holds it is in the log, not told to bob
+    assert "pinned: alice (LISTEN)" in proxy.log()

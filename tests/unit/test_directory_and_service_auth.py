@@ -61,7 +61,8 @@ def test_disabled_and_locked_accounts_are_refused(entry, refused):
 def test_empty_password_and_control_characters_are_refused_before_any_bind():
     auth = _authenticator()  # its only server does not exist: reaching it would be "unavailable" (28000)
     try:
-        for user, password in (("alice", ""), ("ali\0ce", "pw"), ("x" * 300, "pw")):
+        for user, password in (("alice", ""), ("ali\0ce", "pw"), ("x" * 300, "pw"), (" alice", "pw"),
+                               ("alice ", "pw"), ("alice\u3000", "pw"), ("", "pw")):
             with pytest.raises(Exception) as info:
                 asyncio.run(auth.authenticate(user, password))
             assert info.value.sqlstate == "28P01"

@@ -49,10 +49,10 @@ def test_role_policy():
     assert "fixed by policy" in read_only.refusal(classify("BEGIN READ WRITE"))
     assert "DO is not allowed" in RolePolicy().refusal(classify("DO $$BEGIN NULL; END$$"))
     assert RolePolicy(allow_functions=True).refusal(classify("DO $$BEGIN NULL; END$$")) == ""
-    narrow = RolePolicy(allowed_classes=frozenset({"READ"}), denied_functions=frozenset({"pg_read_file"}),
+    narrow = RolePolicy(allowed_classes=frozenset({"READ"}), denied_functions=frozenset({"pg_sleep"}),
                         denied_relations=frozenset({"hr.salaries", "payroll"}))
     assert "WRITE" in narrow.refusal(classify("DELETE FROM items"))
-    assert "pg_read_file" in narrow.refusal(classify("SELECT pg_catalog.pg_read_file('/etc/passwd')"))
+    assert narrow.refusal(classify("SELECT pg_catalog.pg_sleep(1)")) == "function pg_sleep is denied"
     assert narrow.refusal(classify("SELECT * FROM hr.salaries")) == "relation denied by policy"
     assert narrow.refusal(classify("SELECT * FROM public.payroll")) == "relation denied by policy"
     assert narrow.refusal(classify("SELECT * FROM orders")) == ""
@@ -61,3 +61,26 @@ def test_role_policy():
 def test_unparsable_text_is_refused_with_42601():
     verdict = classify("SELEC 1")
     assert verdict.refusal and verdict.sqlstate == "42601"
+    assert RolePolicy(allow_functions=True).refusal(verdict) == verdict.refusal  # no policy lets it through
+
+
+@pytest.mark.parametrize("sql, message, position", [
+    ("selct 1", 'syntax error at or near "selct"', 1),
+    ("SELECT 1 FROM", "syntax error at end of input", 14),
+    ("SELECT 1 FROM   ", "syntax error at end of input", 17),  # PostgreSQL counts the trailing blanks
+    ("SELECT 'abc", "unterminated quoted string at or near \"'abc\"", 8),
+    ("SELECT 'é'; selct", 'syntax error at or near "selct"', 13),  # characters, not bytes
+    ("SELECT 1 🎉 FROM", "syntax error at end of input", 16),
+])
+def test_a_syntax_error_carries_postgresqls_message_and_position(sql, message, position):
+    verdict = classify(sql)
+    assert (verdict.sqlstate, verdict.refusal, verdict.position) == ("42601", message, position)
+    assert ", at index" not in verdict.refusal
+
+
+def test_syntax_errors_that_differ_only_in_literals_get_their_own_position():
+    # The message quotes the token and the position counts the literal's characters:
+    # the shape cache must not hand one statement's error to another.
+    assert classify("SELECT 'a' 'b'").refusal == 'syntax error at or near "\'b\'"'
+    assert classify("SELECT 'aaaa' 'c'").refusal == 'syntax error at or near "\'c\'"'
+    assert classify("SELECT 'aaaa' 'c'").position == 15

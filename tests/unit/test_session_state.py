@@ -6,11 +6,13 @@ from pgproxy.policy.session_state import session_effects
 
 
 @pytest.mark.parametrize("sql, reason", [
-    ("SET search_path = app", "SET"),
-    ("set TimeZone TO 'UTC'", "SET"),
-    ("RESET statement_timeout", "SET"),
+    ("SET myapp.tenant = 'x'", "SET"),
+    ("SET TIME ZONE INTERVAL '+02:00' HOUR TO MINUTE", "SET"),
+    ("RESET myapp.tenant", "SET"),
+    ("BEGIN; SET search_path = app; COMMIT", "SET"),  # could be rolled back: not carried
     ("SET SESSION CHARACTERISTICS AS TRANSACTION READ ONLY", "SET"),
     ("SELECT set_config('app.x', 'y', false)", "set_config"),
+    ("SELECT set_config('search_path', lower('X'), false)", "set_config"),
     ("SELECT set_config('app.x', 'y', $1)", "set_config"),  # not a constant: assume the worst
     ("SELECT 1 FROM t WHERE set_config('app.x', 'y', false) IS NOT NULL", "set_config"),
     ("LISTEN jobs", "LISTEN"),
@@ -44,16 +46,58 @@ def test_statement_bookkeeping_alone_is_answered_locally():
     assert session_effects("deallocate prepare _pg3_7").local == "deallocate"
     assert session_effects("DEALLOCATE _pg3_7").name == "_pg3_7"
     assert session_effects("DISCARD ALL").local == "discard_all"
-    mixed = session_effects("DISCARD ALL; SELECT 1")  # not alone: the server runs it
-    assert mixed.local == "" and mixed.stale and mixed.deallocates
+    mixed = session_effects("DISCARD ALL; SELECT 1")  # not alone: refused by the relay
+    assert mixed.local == "" and mixed.reset == "DISCARD ALL" and mixed.deallocates and not mixed.alone
 
 
-def test_statements_that_undo_applied_settings_are_marked_stale():
-    assert session_effects("RESET ALL").stale
-    assert session_effects("SET SESSION AUTHORIZATION DEFAULT").stale
-    assert not session_effects("SELECT 1").stale
+def test_statements_that_undo_the_identity_are_marked_as_resets():
+    assert session_effects("RESET ALL").reset == "RESET ALL"
+    assert session_effects("reset all").alone
+    assert session_effects("SET SESSION AUTHORIZATION DEFAULT").reset == "SESSION AUTHORIZATION"
+    assert session_effects("SELECT 1; RESET ALL").reset == "RESET ALL"
+    assert not session_effects("SELECT 1").reset
+    assert not session_effects("DISCARD TEMP").reset
+
+
+@pytest.mark.parametrize("sql", [
+    "SET client_encoding = 'SJIS'", "SET client_encoding TO gbk", "SET NAMES 'BIG5'", "set names 'Shift_JIS'",
+    "SELECT set_config('client_encoding', 'GB18030', false)", "SELECT set_config('CLIENT_ENCODING', 'uhc', true)",
+    "SELECT set_config('client_encoding', lower('SJIS'), false)", "SET client_encoding = 'win-936'",
+    "SELECT set_config('client_encoding'::text, 'johab'::text, false)",
+    "UPDATE pg_settings SET setting = 'GBK' WHERE name = 'client_encoding'",
+    "update PG_CATALOG.pg_settings set setting = 'x' where name = chr(114) || 'ole'",
+    "SET standard_conforming_strings = off", "SET LOCAL standard_conforming_strings TO false",
+    "RESET standard_conforming_strings", "SELECT set_config('standard_conforming_strings', 'off', false)",
+    "ALTER ROLE current_user SET standard_conforming_strings = off", "ALTER DATABASE demo SET search_path = x",
+    "ALTER ROLE emea_analyst IN DATABASE demo SET client_encoding = 'SJIS'",
+])
+def test_client_only_encodings_are_flagged(sql):
+    assert session_effects(sql).refusal
+
+
+@pytest.mark.parametrize("sql", ["SET client_encoding = 'UTF8'", "SET NAMES 'LATIN1'", "SELECT 1",
+                                 "SET standard_conforming_strings = on",
+                                 "SET client_encoding TO DEFAULT", "SELECT set_config('application_name', 'x', false)"])
+def test_safe_encodings_are_not_flagged(sql):
+    assert not session_effects(sql).refusal
 
 
 def test_copy_from_stdin_is_recognised():
     assert session_effects("COPY items FROM STDIN").copy_in
     assert not session_effects("COPY items TO STDOUT").copy_in
+
+
+@pytest.mark.parametrize("sql, settings", [
+    ("SET search_path = app", (("search_path", "app"),)),
+    ("set TimeZone TO 'UTC'", (("timezone", "UTC"),)),
+    ("RESET statement_timeout", (("statement_timeout", None),)),
+    ("SET extra_float_digits = 3", (("extra_float_digits", "3"),)),
+    ("SET search_path = \"$user\", public, \"My Schema\"", (("search_path", '"$user", public, "My Schema"'),)),
+    ("SET DateStyle = 'ISO';SET extra_float_digits = 2;show transaction_isolation",
+     (("datestyle", "ISO"), ("extra_float_digits", "2"))),
+    ("SET application_name TO DEFAULT", (("application_name", None),)),
+    ("SELECT pg_catalog.set_config('search_path', '', false);", (("search_path", ""),)),
+])
+def test_ordinary_settings_follow_the_client(sql, settings):
+    effects = session_effects(sql)
+    assert effects.pin == "" and effects.settings == settings

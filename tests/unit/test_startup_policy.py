@@ -2,9 +2,9 @@ from __future__ import annotations
 
 import pytest
 
-from pgproxy.errors import ClientError
-from pgproxy.frontend.startup import (client_settings, guard_sql, parse_options, quote_ident, quote_literal,
-                                      session_settings, switch_sql, text_array)
+from pgproxy.errors import ClientError, PgProxyError
+from pgproxy.frontend.startup import (client_settings, parse_options, quote_ident, quote_literal,
+                                      session_settings, text_array)
 
 
 @pytest.mark.parametrize("params", [
@@ -46,9 +46,11 @@ def test_identity_settings_win_over_client_settings():
     assert settings == {"application_name": "alice via x", "TimeZone": "UTC"}
 
 
-def test_the_switch_applies_role_settings_and_nonce_and_the_guard_checks_the_nonce():
-    sql = switch_sql("r", {"application_name": "alice via x"}, deallocate=False, nonce=7)
-    assert sql == ("SET ROLE \"r\"; RESET ALL; SELECT set_config(E'application_name', E'alice via x', false), "
-                   "set_config('pgproxy.switch', '7', false)")
-    assert "DEALLOCATE ALL;" in switch_sql("r", {}, deallocate=True, nonce=1)
-    assert guard_sql(7) == "SELECT 1/coalesce((current_setting('pgproxy.switch', true) = '7')::int, 0)"
+def test_client_only_encodings_are_refused_at_startup():
+    for value in ("SJIS", "gbk", "BIG5", "Shift_JIS", "win-936", "GB18030"):
+        with pytest.raises(PgProxyError) as refused:
+            client_settings({"user": "a", "client_encoding": value})
+        assert refused.value.sqlstate == "0A000"
+        with pytest.raises(PgProxyError):
+            client_settings({"user": "a", "options": f"-c client_encoding={value}"})
+    assert client_settings({"user": "a", "client_encoding": "UTF8"})[0] == {"client_encoding": "UTF8"}
