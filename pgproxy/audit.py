@@ -1,48 +1,166 @@
-"""The audit trail: one JSON line per event, written off the hot path.
+"""The audit trail: one JSON line per event, written off the hot path, fail-closed.
 
-Records are rendered to JSON on the event loop (about 3 µs for a statement) and
-queued as lines; a writer thread appends every queued line in one write every
-FLUSH_INTERVAL_S. Rendering stays on the loop on purpose: measured, a writer thread that
-renders holds the GIL while the loop wants it back after each send() — the GIL convoy —
-and cost 30 % of select-only throughput; a thread that only write()s releases the GIL
-in the syscall. The queue is bounded: when the disk cannot keep up, sessions wait for
-the writer rather than drop a record (invariant: every statement that reaches the
-database is audited). ``close()`` flushes everything.
+Records are rendered to JSON on the event loop (about 3 µs for a statement) and queued
+as lines; a writer thread appends what is queued in one write every
+``flush_interval_ms``. Rendering stays on the loop on purpose: measured, a writer thread
+that renders holds the GIL while the loop wants it back after each send() — the GIL
+convoy — and cost 30 % of select-only throughput; a thread that only write()s releases
+the GIL in the syscall. The writer does one more thing per line, the hash chain
+(pgproxy/audit_chain.py: about 1.5 µs a line, it needs only the line), and hands the GIL
+back every 64 lines (``time.sleep(0)``) so the loop never waits for a whole batch.
 
-No record ever holds a password or a token: authentication failures carry the user,
-the reason and the client address only.
+Fail closed (``on_failure = "refuse"``): ``available`` is False while the last write (or
+fsync) failed, the queue holds more than ``queue_size`` records, or a sink with
+``on_failure = "refuse"`` is unhealthy; the relay then refuses new statements and logins
+(58030) and counts them with ``note_refused``. The writer retries with backoff (10 ms
+doubling to 1 s, never spinning); once everything is written again it appends an
+``audit_gap`` record: from when to when, why, how many statements and logins were refused
+and how many records dropped (only with ``on_failure = "continue"``). ``queue_size`` is a
+soft bound: records of statements that already ran are always queued (what is in flight
+bounds them), only new work is refused. A write that failed partway leaves a torn line;
+the retry starts on a new line (a newline first if the file does not end with one) and
+writes the torn record again whole, so ``audit verify`` reports the torn line and
+everything after it verifies.
+
+Durability: ``statement()`` and ``event()`` return a *ticket* (the count of records queued
+so far, not the record's ``seq``). ``when_durable(ticket, callback)`` runs ``callback`` on
+the event loop once that record and every one before it is written (and fsync'ed, unless
+``fsync = "never"`` with ``durability = "batch"``): one ``call_soon_threadsafe`` per batch
+for all callbacks due (group commit: one write and one fsync for everything queued).
+With ``durability = "before_result"`` a callback also wakes the writer at once.
+
+Files: ``reopen()`` (SIGHUP, SIGUSR1) starts a new file at the configured path when the
+open one was moved away; ``reconfigure()`` (SIGHUP) applies a new [audit] section, and a
+new ``file`` moves the trail (``audit_file_changed`` in both files). Built-in rotation
+(``rotate_size_mb``, ``rotate_interval_h``) renames the file to ``<file>.<UTC time>``
+under an flock, so several workers sharing the file rotate it once; the others notice the
+rename within a second and follow. Each writer closes its part of a file with a signed
+seal and opens the next with one (see audit_chain.py).
+
+Sinks (``Sink`` below) get every line as written to the file, once per batch, from the
+writer thread; the file stays the record of truth.
+
+Producers (``statement``, ``event``, ``note_refused``, ``when_durable``, ``reopen``,
+``reconfigure``) run on the event loop thread. No record ever holds a password or a
+token: authentication failures carry the user, the reason and the client address only.
 """
 
 from __future__ import annotations
 
+import asyncio
+import errno
+import fcntl
+import hashlib
+import heapq
+import itertools
 import json
 import logging
+import os
+import secrets
+import socket
+import stat
 import struct
 import threading
-from collections import deque
 import time
 import uuid
+from collections import deque
 from datetime import datetime, timezone
+from typing import Callable, Protocol
 
+from pgproxy import __version__, logs
+from pgproxy.audit_chain import (ZERO_HASH, key_id, load_or_create_key, public_key_text, publish_public_key,
+                                 render_seal)
 from pgproxy.config import AuditSection
 from pgproxy.protocol.messages import parse_command_tag
 
 log = logging.getLogger("pgproxy.audit")
 
-FLUSH_INTERVAL_S = 0.02
-_BATCH = 4096
+_BATCH = 4096            # lines per write at most
+_YIELD_EVERY = 64        # lines chained between two hand-overs of the GIL
+_BACKOFF_S = (0.01, 1.0)  # first retry after a failed write, doubling up to the second
+_FOLLOW_CHECK_S = 1.0    # built-in rotation: how often to look whether another worker rotated
+CLOSE_TIMEOUT_S = 10.0   # close(): how long to keep retrying a failing file before giving up
+
+
+class Sink(Protocol):
+    """Another destination for the trail (pgproxy/audit_sinks.py builds them).
+
+    ``submit`` is called from the audit writer thread once per batch, with the lines
+    exactly as written to the file (str, no newline, in file order, each line once). It
+    must not block: a sink queues (bounded) and delivers on its own thread; on overflow
+    it sets ``healthy`` False. While a sink with ``on_failure = "refuse"`` is unhealthy
+    the AuditLog is unavailable. ``close`` is called once, after the last submit."""
+
+    name: str
+    on_failure: str  # "refuse" | "continue"
+    healthy: bool
+
+    def submit(self, lines: list[str]) -> None: ...
+
+    def close(self) -> None: ...
 
 
 class AuditLog:
-    def __init__(self, cfg: AuditSection) -> None:
-        self._cfg = cfg
-        # Rendered lines; deque.append is atomic and never wakes the writer.
-        self._pending: deque[str] = deque()
-        self._stopping = threading.Event()
-        self._file = open(cfg.file, "a", encoding="utf-8")
-        self._thread = threading.Thread(target=self._run, name="audit-writer", daemon=True)
+    def __init__(self, cfg: AuditSection, sinks: list | None = None, worker: int | None = None,
+                 signing_key=None) -> None:
+        """Opens the file (OSError if it cannot) and loads the signing key
+        (audit_chain.AuditKeyError); ``worker``: this process's worker index (default: the
+        one logs knows, 0 for a single process)."""
+        self._cfg = cfg          # the loop's view (rendering, queue bound)
+        self.before_result = cfg.durability == "before_result"  # read by the relay per statement
+        self._wcfg = cfg         # the writer's view (file, durability, rotation, checkpoints)
+        self._pending: deque[str] = deque()  # rendered lines; deque.append is atomic and never wakes the writer
+        self._enqueued = 0       # tickets handed out (loop)
+        self._dropped_loop = 0   # on_failure = continue: lines dropped past queue_size (loop)
+        self._queue_full = False
+        self.refused = {"statement": 0, "login": 0}  # note_refused, cumulative (loop)
+        self.available = True
+        self.unavailable_reason = ""
         self.records_written = 0
         self.write_errors = 0
+        self.fsyncs = 0
+        self.dropped_records = 0  # lines the writer dropped (on_failure = continue)
+        self._sinks = list(sinks or [])
+        if signing_key is None:
+            signing_key = (load_or_create_key(cfg.signing_key_file) if cfg.signing_key_file
+                           else _ephemeral_key())
+        self._key = signing_key
+        self._kid = key_id(signing_key.public_key())
+        index = logs.worker_index if worker is None else worker
+        self.worker = index or 0
+        self.writer_id = f"{self.worker}.{secrets.token_hex(4)}"
+        self._path = cfg.file
+        self._fd = _open_trail(cfg.file)
+        self._publish_key(cfg.file)
+        # --- writer-thread state ---
+        self._seq = 0
+        self._prev = ZERO_HASH
+        self._backlog: list = [self._open_seal("audit_open", "start")]  # items not yet written
+        self._committed_producers = 0
+        self._since_seal = 0
+        self._sealed_at = time.monotonic()
+        self._opened_at = time.monotonic()
+        self._followed_at = time.monotonic()
+        self._file_problem = ""
+        self._check_line_end = True  # the file may end in a torn line (a crash, a failed write)
+        self._fsync_owed = False
+        self._backoff = 0.0
+        self._gap: dict | None = None
+        self._logged_reason = ""
+        self._closing_sealed = False
+        self._durable = 0        # tickets whose records are written (and fsync'ed)
+        # --- requests from the loop ---
+        self._new_cfg: AuditSection | None = None
+        self._reopen_requested = False
+        self._stopping = False
+        self._stop_deadline = float("inf")
+        self._wake = threading.Event()     # a batch is wanted now (durability, stop, reopen)
+        self._control = threading.Event()  # stop, reopen or reconfigure: cuts a retry backoff short
+        # --- durability callbacks (loop) ---
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._waiters: list = []  # heap of (ticket, n, callback)
+        self._waiter_n = itertools.count()
+        self._thread = threading.Thread(target=self._run, name="audit-writer", daemon=True)
         self._thread.start()
 
     # --- producers (event loop) -----------------------------------------------------
@@ -52,14 +170,17 @@ class AuditLog:
         """The JSON members every statement record of one session repeats, rendered once."""
         return json.dumps(fields, ensure_ascii=False)[1:-1]
 
-    def event(self, event: str, **fields) -> None:
-        self._put(json.dumps({"ts": _iso(time.time()), **fields, "event": event}, ensure_ascii=False, default=str))
+    def event(self, event: str, **fields) -> int:
+        """Queue a record; returns its ticket (see ``when_durable``)."""
+        return self._put(json.dumps({"ts": _iso(time.time()), **fields, "event": event}, ensure_ascii=False,
+                                    default=str))
 
     def statement(self, session_prefix: str, text: str, params: list | None, param_info: tuple | None,
                   tags: list[bytes], started: float, duration_s: float, outcome: str,
-                  sqlstate: str | None, backend_pid: int | None, verdict=None) -> None:
+                  sqlstate: str | None, backend_pid: int | None, verdict=None) -> int:
         """``tags`` are raw CommandComplete bodies, as they came from the server;
-        ``verdict``: the guard's classes and relations for the statement."""
+        ``verdict``: the guard's classes and relations for the statement. Returns the
+        record's ticket (see ``when_durable``)."""
         try:
             line = self._render_statement(started, session_prefix, text, params, param_info, tags,
                                           duration_s, outcome, sqlstate, backend_pid, verdict)
@@ -67,48 +188,434 @@ class AuditLog:
             log.exception("cannot render an audit record")
             line = json.dumps({"ts": _iso(started), "event": "statement", "statement": text,
                                "outcome": outcome, "render_error": True}, ensure_ascii=False)
-        self._put(line)
+        return self._put(line)
 
-    def _put(self, line: str) -> None:
+    def _put(self, line: str) -> int:
         pending = self._pending
         pending.append(line)
+        self._enqueued += 1
         if len(pending) > self._cfg.queue_size:
-            # The disk cannot keep up: wait for the writer rather than lose a record.
-            while len(pending) > self._cfg.queue_size // 2 and self._thread.is_alive():
-                time.sleep(0.001)
+            self._overflow()
+        return self._enqueued
+
+    def _overflow(self) -> None:
+        """Past queue_size. Never waits: refuse mode turns the trail unavailable (new work is
+        refused; what already ran is still queued), continue mode drops the oldest line."""
+        if self._cfg.on_failure == "continue":
+            try:
+                self._pending.popleft()
+                self._dropped_loop += 1
+            except IndexError:
+                pass
+        elif not self._queue_full:
+            self._queue_full = True
+            self.available = False
+            self.unavailable_reason = f"audit queue full ({len(self._pending)} records waiting)"
+
+    def note_refused(self, kind: str) -> None:
+        """Count a statement ("statement") or login ("login") refused while unavailable;
+        the next audit_gap record reports them."""
+        self.refused[kind] = self.refused.get(kind, 0) + 1
+
+    def durable(self, ticket: int) -> bool:
+        return ticket <= self._durable
+
+    def when_durable(self, ticket: int, callback: Callable[[], None]) -> None:
+        """Run ``callback()`` on this event loop once record ``ticket`` and all before it are
+        written and fsync'ed — never synchronously, even if that is so already. While the
+        trail fails the callback waits (fail closed); at close() unfired callbacks are dropped."""
+        if self._loop is None:
+            self._loop = asyncio.get_running_loop()
+        if ticket <= self._durable:
+            self._loop.call_soon(callback)
+            return
+        heapq.heappush(self._waiters, (ticket, next(self._waiter_n), callback))
+        self._wake.set()  # after the push: the writer then sees the waiter
+
+    def _fire_durable(self) -> None:
+        durable, waiters = self._durable, self._waiters
+        while waiters and waiters[0][0] <= durable:
+            callback = heapq.heappop(waiters)[2]
+            try:
+                callback()
+            except Exception:
+                log.exception("audit durability callback failed")
+
+    def reopen(self) -> None:
+        """SIGHUP, SIGUSR1: if the file at the configured path is no longer the open one
+        (logrotate moved it), close this writer's part of the old one and start the new."""
+        self._reopen_requested = True
+        self._control.set()
+        self._wake.set()
+
+    def check_reconfigure(self, cfg: AuditSection) -> str:
+        """Why ``cfg`` cannot be applied ("" if it can): a new file must be openable."""
+        if cfg.file != self._wcfg.file:
+            try:
+                os.close(_open_trail(cfg.file))
+            except OSError as exc:
+                return f"audit.file: cannot open {cfg.file} for appending: {exc.strerror}"
+        return ""
+
+    def reconfigure(self, cfg: AuditSection) -> None:
+        """A reloaded [audit] section: rendering options at once, the rest at the writer's next batch."""
+        self._cfg = cfg
+        self.before_result = cfg.durability == "before_result"
+        self._new_cfg = cfg
+        self._control.set()
+        self._wake.set()
 
     @property
     def depth(self) -> int:
-        return len(self._pending)
+        return len(self._pending) + len(self._backlog)
 
-    def close(self) -> None:
-        self._stopping.set()
+    @property
+    def durability(self) -> str:
+        return self._cfg.durability
+
+    def statistics(self) -> dict:
+        return {"records_written": self.records_written, "write_errors": self.write_errors, "fsyncs": self.fsyncs,
+                "depth": self.depth, "available": self.available, "dropped_records": self.dropped_records,
+                "refused_statements": self.refused.get("statement", 0),
+                "refused_logins": self.refused.get("login", 0)}
+
+    def close(self, timeout: float = CLOSE_TIMEOUT_S) -> None:
+        """Write everything queued and this writer's closing seal; keeps retrying a failing
+        file for ``timeout`` seconds, then gives up (and says how much was lost)."""
+        self._stop_deadline = time.monotonic() + timeout
+        self._stopping = True
+        self._control.set()
+        self._wake.set()
         self._thread.join()
-        self._file.close()
+        for sink in self._sinks:
+            try:
+                sink.close()
+            except Exception:
+                log.exception("audit sink failed to close", extra={"sink": getattr(sink, "name", "?")})
+        os.close(self._fd)
 
     # --- the writer thread ------------------------------------------------------------
 
     def _run(self) -> None:
         while True:
-            stopping = self._stopping.wait(FLUSH_INTERVAL_S)
-            self._drain()
-            if stopping:
-                self._drain()
-                return
-
-    def _drain(self) -> None:
-        pending = self._pending
-        while pending:
-            lines = []
-            while pending and len(lines) < _BATCH:
-                lines.append(pending.popleft())
+            if self._file_problem:
+                self._control.wait(self._backoff)
+                self._control.clear()
+            else:
+                self._wake.wait(self._wcfg.flush_interval_ms / 1000)
+            self._wake.clear()
+            stopping = self._stopping
             try:
-                self._file.write("\n".join(lines) + "\n")
-                self._file.flush()
-                self.records_written += len(lines)
-            except OSError as exc:
-                self.write_errors += 1
-                log.error("audit write failed: %s", exc)
+                self._cycle(stopping)
+            except Exception:  # a bug must not silently end the trail
+                log.exception("audit writer failed; retrying")
+                self._file_problem = self._file_problem or "audit writer error"
+                self._backoff = _BACKOFF_S[1]
+            done = self._closing_sealed and not self._backlog and not self._fsync_owed
+            if stopping and (done or time.monotonic() > self._stop_deadline):
+                break
+        if self._backlog:
+            lost = sum(1 for item in self._backlog if type(item) is str) + len(self._pending)
+            log.error("audit records could not be written before shutdown", extra={"lost": lost,
+                                                                                   "reason": self._file_problem})
+
+    def _cycle(self, stopping: bool) -> None:
+        if self._fsync_owed and not self._sync():
+            self._after_failure()
+            return
+        self._apply_requests()
+        ok = self._flush(stopping)
+        self._update_health()
+        if ok and self._backlog:  # e.g. the audit_gap record just added
+            ok = self._flush(stopping)
+        if ok and stopping and not self._closing_sealed:
+            self._closing_sealed = True
+            self._take_pending()
+            self._backlog.append(self._seal("audit_close", "close", "shutdown"))
+            ok = self._flush(stopping)
+        if not ok:
+            self._after_failure()
+        elif self._waiters and self._loop is not None and self._waiters[0][0] <= self._durable:
+            try:
+                self._loop.call_soon_threadsafe(self._fire_durable)
+            except RuntimeError:  # the loop is closed: nobody waits any more
+                pass
+
+    def _after_failure(self) -> None:
+        self._backoff = min(max(self._backoff * 2, _BACKOFF_S[0]), _BACKOFF_S[1])
+        self._update_health()
+
+    def _take_pending(self, limit: int | None = None) -> None:
+        pending, backlog = self._pending, self._backlog
+        n = len(pending) if limit is None else min(limit, len(pending))
+        for _ in range(n):
+            backlog.append(pending.popleft())
+
+    def _flush(self, stopping: bool = False) -> bool:
+        """Write the backlog and what is queued, in batches; False if a write failed."""
+        cfg = self._wcfg
+        while True:
+            if len(self._backlog) < _BATCH:
+                self._take_pending(_BATCH - len(self._backlog))
+            if not self._backlog:
+                if self._since_seal and time.monotonic() - self._sealed_at >= cfg.checkpoint_interval_s:
+                    self._backlog.append(self._seal("audit_checkpoint", "checkpoint", "interval"))
+                    continue
+                return self._sync()  # one fsync for everything this round wrote (group commit)
+            chunk = self._backlog[:_BATCH]
+            if not self._write_chunk(chunk):
+                return False
+            if self._since_seal >= cfg.checkpoint_records and not (stopping and self._closing_sealed):
+                self._backlog.insert(0, self._seal("audit_checkpoint", "checkpoint", "records"))
+
+    def _write_chunk(self, chunk: list) -> bool:
+        writer, seq, prev, sha = self.writer_id, self._seq, self._prev, hashlib.sha256
+        lines, encoded, hashes = [], [], []
+        for i, item in enumerate(chunk, 1):
+            seq += 1
+            if type(item) is str:
+                text = f'{item[:-1]}, "writer": "{writer}", "seq": {seq}, "prev": "{prev}"}}'
+            elif "seal" in item:
+                text = render_seal(item, writer, seq, prev, self._key, self._kid)
+            else:
+                text = json.dumps(item, ensure_ascii=False, default=str)[:-1] \
+                    + f', "writer": "{writer}", "seq": {seq}, "prev": "{prev}"}}'
+            data = text.encode()
+            prev = sha(data).hexdigest()
+            lines.append(text)
+            encoded.append(data)
+            hashes.append(prev)
+            if not i % _YIELD_EVERY:
+                time.sleep(0)  # hand the GIL to the loop (see the module header)
+        buffer = b"\n".join(encoded) + b"\n"
+        lead = b"\n" if self._check_line_end and not _ends_with_newline(self._fd) else b""
+        written, error = _write_all(self._fd, lead + buffer)
+        written = max(0, written - len(lead))
+        done, end = 0, 0
+        for data in encoded:
+            end += len(data) + 1
+            if end > written:
+                break
+            done += 1
+        if done:
+            self._commit(chunk[:done], lines[:done], hashes[done - 1])
+        if error is None:
+            self._recovered()
+            return True
+        self._write_failed(f"cannot write {self._path}: {error.strerror or error}", error)
+        if self._wcfg.on_failure == "continue":  # drop what did not fit: the chain stays whole
+            dropped = self._backlog[:len(chunk) - done]
+            del self._backlog[:len(chunk) - done]
+            self.dropped_records += sum(1 for item in dropped if type(item) is str)
+            self._check_durable()
+        return False
+
+    def _commit(self, items: list, lines: list[str], last_hash: str) -> None:
+        del self._backlog[:len(items)]
+        self._seq += len(items)
+        self._prev = last_hash
+        self.records_written += len(items)
+        producers = 0
+        for item in items:
+            if type(item) is str:
+                producers += 1
+                self._since_seal += 1
+            elif "seal" in item:
+                self._since_seal = 0
+                self._sealed_at = time.monotonic()
+            else:
+                self._since_seal += 1
+        self._committed_producers += producers
+        if not self._fsync_wanted():
+            self._check_durable()
+        else:
+            self._fsync_owed = True
+        for sink in self._sinks:
+            try:
+                sink.submit(lines)
+            except Exception:
+                log.exception("audit sink failed to take records", extra={"sink": getattr(sink, "name", "?")})
+
+    def _fsync_wanted(self) -> bool:
+        return self._wcfg.durability == "before_result" or self._wcfg.fsync == "batch"
+
+    def _sync(self) -> bool:
+        if not self._fsync_owed:
+            return True
+        try:
+            os.fdatasync(self._fd)
+            self.fsyncs += 1
+        except OSError as exc:
+            if exc.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EROFS):  # a device or pipe: nothing to sync
+                self._write_failed(f"cannot fsync {self._path}: {exc.strerror}", exc)
+                return False
+        self._fsync_owed = False
+        self._check_durable()
+        return True
+
+    def _check_durable(self) -> None:
+        self._durable = self._committed_producers + self.dropped_records + self._dropped_loop
+
+    def _begin_gap(self) -> None:
+        if self._gap is None:
+            self._gap = {"from": time.time(), "reasons": [], "refused": dict(self.refused),
+                         "dropped": self.dropped_records + self._dropped_loop}
+
+    def _write_failed(self, problem: str, error: OSError) -> None:
+        self._begin_gap()  # before anything is dropped for this failure
+        self.write_errors += 1
+        self._check_line_end = True
+        if problem != self._file_problem:
+            log.error("audit write failed", extra={"reason": problem, "errno": errno.errorcode.get(error.errno, "")})
+        self._file_problem = problem
+
+    def _recovered(self) -> None:
+        if self._file_problem:
+            log.warning("audit file writable again", extra={"file": self._path})
+        self._file_problem = ""
+        self._check_line_end = False
+        self._backoff = 0.0
+
+    def _update_health(self) -> None:
+        cfg = self._wcfg
+        refuse = cfg.on_failure == "refuse"
+        problems: list[tuple[str, bool]] = []
+        if self._file_problem:
+            problems.append((self._file_problem, refuse))
+        waiting = len(self._pending)
+        if self._queue_full and waiting <= self._cfg.queue_size // 2:
+            self._queue_full = False
+        if self._queue_full or waiting > self._cfg.queue_size:
+            self._queue_full = refuse
+            problems.append((f"audit queue full ({waiting} records waiting)", refuse))
+        for sink in self._sinks:
+            if not sink.healthy:
+                problems.append((f"audit sink {sink.name} unhealthy", sink.on_failure == "refuse"))
+        reason = "; ".join(text for text, _ in problems)
+        refusing = any(r for _, r in problems)
+        dropped = self.dropped_records + self._dropped_loop
+        if problems:
+            self._begin_gap()
+        if self._gap is not None:
+            for text, _ in problems:
+                if text not in self._gap["reasons"] and len(self._gap["reasons"]) < 10:
+                    self._gap["reasons"].append(text)
+            if not problems and not self._backlog:
+                gap, self._gap = self._gap, None
+                self._backlog.append({
+                    "ts": _iso(time.time()), "event": "audit_gap", "from": _iso(gap["from"]), "to": _iso(time.time()),
+                    "reason": "; ".join(gap["reasons"]),
+                    "refused_statements": self.refused.get("statement", 0) - gap["refused"].get("statement", 0),
+                    "refused_logins": self.refused.get("login", 0) - gap["refused"].get("login", 0),
+                    "dropped_records": dropped - gap["dropped"]})
+        if reason != self._logged_reason:
+            if reason:
+                log.error("audit trail unavailable: new statements and logins are refused" if refusing
+                          else "audit trail degraded (on_failure = continue)", extra={"reason": reason})
+            else:
+                log.warning("audit trail available again")
+            self._logged_reason = reason
+        self.unavailable_reason = reason if refusing else ""
+        self.available = not refusing
+
+    # --- files: reopen, reload, rotation (writer thread) --------------------------------
+
+    def _apply_requests(self) -> None:
+        if self._new_cfg is not None:
+            cfg, self._new_cfg = self._new_cfg, None
+            old = self._wcfg
+            self._wcfg = cfg
+            if cfg.file != old.file:
+                self._switch_file(cfg.file, "audit_file_changed", "reload", moved_from=old.file)
+        if self._reopen_requested:
+            self._reopen_requested = False
+            if not self._still_at_path():
+                self._switch_file(self._path, "audit_reopen", "signal")
+        self._rotate_if_due()
+
+    def _still_at_path(self) -> bool:
+        try:
+            now, ours = os.stat(self._path), os.fstat(self._fd)
+        except OSError:
+            return False
+        return (now.st_dev, now.st_ino) == (ours.st_dev, ours.st_ino)
+
+    def _rotate_if_due(self) -> None:
+        cfg = self._wcfg
+        if not (cfg.rotate_size_mb or cfg.rotate_interval_h):
+            return
+        now = time.monotonic()
+        if now - self._followed_at >= _FOLLOW_CHECK_S:  # another worker may have rotated it
+            self._followed_at = now
+            if not self._still_at_path():
+                self._switch_file(self._path, "audit_reopen", "rotate")
+                return
+        try:
+            info = os.fstat(self._fd)
+        except OSError:
+            return
+        if not stat.S_ISREG(info.st_mode):
+            return
+        due = ((cfg.rotate_size_mb and info.st_size >= cfg.rotate_size_mb * 1024 * 1024)
+               or (cfg.rotate_interval_h and now - self._opened_at >= cfg.rotate_interval_h * 3600))
+        if not due:
+            return
+        renamed = ""
+        try:
+            fcntl.flock(self._fd, fcntl.LOCK_EX)  # one rotation among the workers sharing the file
+            try:
+                if self._still_at_path():
+                    renamed = _rotated_name(self._path)
+                    os.rename(self._path, renamed)
+            finally:
+                fcntl.flock(self._fd, fcntl.LOCK_UN)
+        except OSError as exc:
+            log.error("cannot rotate the audit file", extra={"file": self._path, "reason": exc.strerror})
+            self._opened_at = now  # try again after another interval, not at every batch
+            return
+        self._switch_file(self._path, "audit_reopen", "rotate", rotated_to=renamed)
+
+    def _switch_file(self, path: str, event: str, reason: str, moved_from: str = "", rotated_to: str = "") -> None:
+        """Seal this writer's part of the open file, open ``path``, and open a part there.
+        If ``path`` cannot be opened the old file stays in use."""
+        try:
+            fd = _open_trail(path)
+        except OSError as exc:
+            log.error("cannot open the audit file; still writing the old one",
+                      extra={"file": path, "reason": exc.strerror})
+            return
+        old_path = self._path
+        if self._flush():
+            close = {"to": path} if moved_from else {"renamed_to": rotated_to} if rotated_to else {}
+            self._backlog.append(self._seal(event if moved_from else "audit_close", "close", reason, **close))
+            self._flush()
+        # A part that could not be sealed (the old file fails) goes to the new file, re-chained.
+        os.close(self._fd)
+        self._fd, self._path = fd, path
+        self._opened_at = self._followed_at = time.monotonic()
+        self._check_line_end = True
+        if moved_from:
+            self._publish_key(path)
+        extra = {"from": moved_from} if moved_from else {"previous": rotated_to or old_path}
+        self._backlog.insert(0, self._open_seal(event, reason, **extra))
+        log.info("audit file opened", extra={"file": path, "reason": reason})
+        self._flush()
+
+    # --- records the writer adds ------------------------------------------------------
+
+    def _seal(self, event: str, seal: str, reason: str, **extra) -> dict:
+        return {"ts": _iso(time.time()), "event": event, "seal": seal, "reason": reason, **extra}
+
+    def _open_seal(self, event: str, reason: str, **extra) -> dict:
+        return self._seal(event, "open", reason, file=self._path, **extra, pid=os.getpid(),
+                          host=socket.gethostname(), worker=self.worker, version=__version__,
+                          public_key=public_key_text(self._key.public_key()))
+
+    def _publish_key(self, path: str) -> None:
+        try:
+            publish_public_key(path, self._key)
+        except OSError as exc:  # verify can still take the key from --public-key or the trail
+            log.error("cannot publish the audit signing key", extra={"file": path + ".pub", "reason": exc.strerror})
 
     def _render_statement(self, started: float, prefix: str, text: str, params, param_info, raw_tags,
                           duration_s: float, outcome: str, sqlstate: str | None, pid: int | None,
@@ -155,6 +662,54 @@ class AuditLog:
             text = value.decode("utf-8", "replace")
         limit = self._cfg.max_parameter_length
         return text if len(text) <= limit else text[:limit] + "…"
+
+
+def _ephemeral_key():
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+    return Ed25519PrivateKey.generate()
+
+
+def _open_trail(path: str) -> int:
+    """The trail's descriptor: appending, and readable so a torn last line can be seen."""
+    flags = os.O_APPEND | os.O_CREAT | os.O_CLOEXEC
+    try:
+        return os.open(path, os.O_RDWR | flags, 0o640)
+    except PermissionError:  # a file we may append to but not read
+        return os.open(path, os.O_WRONLY | flags, 0o640)
+
+
+def _ends_with_newline(fd: int) -> bool:
+    """False if the file's last byte is not a newline (a torn line); True if empty or unknown."""
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode) or info.st_size == 0:
+            return True
+        return os.pread(fd, 1, info.st_size - 1) == b"\n"
+    except OSError:
+        return True
+
+
+def _write_all(fd: int, data: bytes) -> tuple[int, OSError | None]:
+    """Bytes written, and the error that stopped the write (None when all went)."""
+    view, done = memoryview(data), 0
+    while done < len(data):
+        try:
+            n = os.write(fd, view[done:])
+        except OSError as exc:
+            return done, exc
+        if n == 0:
+            return done, OSError(errno.EIO, "write wrote nothing")
+        done += n
+    return done, None
+
+
+def _rotated_name(path: str) -> str:
+    base = f"{path}.{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}"
+    name, n = base, 0
+    while os.path.lexists(name) or os.path.lexists(name + ".gz"):
+        n += 1
+        name = f"{base}-{n}"
+    return name
 
 
 _BINARY_NUMBERS = {21: "!h", 23: "!i", 20: "!q", 26: "!I", 700: "!f", 701: "!d"}

@@ -15,15 +15,17 @@ Contract with the audit writer (``AuditLog(cfg, sinks=...)``):
   ``on_failure`` ("refuse" or "continue") tells the audit writer what to do meanwhile.
 * ``close()`` delivers what is queued for at most ``timeout_s`` more, then stops.
 
-Delivery is at least once: a batch that failed is sent again whole after reconnecting
-(with backoff), so a receiver may see a record twice after a connection broke — never
-zero times while the sink is healthy. Nothing here logs a record's content: statements
-and parameters go to the sinks, not to the diagnostic log.
+A batch that failed is sent again whole after reconnecting (with backoff), so a receiver
+may see a record twice after a connection broke. PostgreSQL confirms each COPY, so there
+delivery is at least once; syslog has no acknowledgement, so what the kernel had accepted
+when a TCP receiver went away, or a UDP datagram, can be lost unnoticed. Nothing here logs
+a record's content: statements and parameters go to the sinks, not to the diagnostic log.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import os
@@ -36,8 +38,10 @@ from collections import deque
 from pathlib import Path
 
 from pgproxy import audit_formats as fmt
+from pgproxy.backend.connection import open_connection
 from pgproxy.config import AuditSinkRule, ConfigError, parse_listen
 from pgproxy.errors import PgProxyError
+from pgproxy.protocol import messages as msg
 
 log = logging.getLogger("pgproxy.audit.sinks")
 
@@ -137,6 +141,9 @@ class QueuedSink:
                 if self._failing or recovered:
                     log.warning("audit sink delivers again", extra={"sink": self.name})
                 self._failing = 0
+        except Exception:  # a bug: say so, and fail closed where on_failure asks for it
+            self.healthy = False
+            log.exception("audit sink stopped", extra={"sink": self.name})
         finally:
             self._finish()
 
@@ -149,7 +156,14 @@ class QueuedSink:
         out = []
         for line in lines:
             record = self._record(line)
-            out.append(self._encode(record, self._context.enrich(record), line))
+            try:
+                out.append(self._encode(record, self._context.enrich(record), line))
+            except Exception:  # a bug in a format must cost one record, not the sink
+                self.rejected += 1
+                log.exception("audit sink cannot encode a record; dropped",
+                              extra={"sink": self.name, "event": record.get("event")})
+        with self._lock:
+            self._in_flight = len(out)
         return out
 
     def _record(self, line: str) -> dict:
@@ -167,7 +181,7 @@ class QueuedSink:
         self._failing += 1
         self._disconnect()
         reason = getattr(exc, "log_detail", "") or str(exc) or type(exc).__name__
-        if self._failing == 2 and self.healthy:
+        if self._failing == 2:
             self.healthy = False
             log.error("audit sink cannot deliver", extra={"sink": self.name, "reason": reason})
         else:
@@ -355,8 +369,6 @@ class PostgresSink(QueuedSink):
             "sink": self.name, "sqlstate": exc.sqlstate, "reason": exc.log_detail})
 
     async def _copy_rows(self, rows: list[bytes]) -> None:
-        from pgproxy.backend.connection import open_connection
-        from pgproxy.protocol import messages as msg
         if self._conn is None or self._conn.broken:
             self._conn = await open_connection(self.host, self.port, self.database, self.user, self._password,
                                                self.timeout_s, self._tls)
@@ -397,7 +409,6 @@ _TABLE = re.compile(r"[A-Za-z_][A-Za-z0-9_$]*(\.[A-Za-z_][A-Za-z0-9_$]*)?")
 
 def check_rules(rules: list[AuditSinkRule], problems: list[str]) -> None:
     """The rules beyond types for ``[[audit_sinks]]``; every problem names its key."""
-    import dataclasses
     defaults = {f.name: f.default for f in dataclasses.fields(AuditSinkRule) if f.metadata}
     names = set()
     for i, rule in enumerate(rules):

@@ -1,4 +1,4 @@
-"""Command line: serve, check-config, demo, dev-token, admin, hash-secret, identity-key, identity-sql."""
+"""Command line: serve, check-config, demo, dev-token, admin, hash-secret, identity-key, identity-sql, audit."""
 
 from __future__ import annotations
 
@@ -20,6 +20,8 @@ log = logging.getLogger("pgproxy")
 
 # A SIGHUP that reaches a worker before its event loop handles signals (see supervisor).
 early_sighup = {"pending": False}
+# Likewise a SIGUSR1 (reopen the audit file): never the default action, which kills.
+early_reopen = {"pending": False}
 
 DEMO_STATE = Path(os.environ.get("XDG_RUNTIME_DIR") or "/tmp") / "pgproxy-demo.json"
 
@@ -55,10 +57,31 @@ def main(argv: list[str] | None = None) -> int:
     isql.add_argument("-c", "--config", required=True)
     isql.add_argument("--owner", default=None, metavar="ROLE",
                       help="role to own the schema, key table and functions (default: the one running the SQL)")
+    audit = sub.add_parser("audit", help="the audit trail")
+    audit_sub = audit.add_subparsers(dest="audit_command", required=True)
+    verify = audit_sub.add_parser("verify", help="check the hash chains and signatures of audit files (oldest "
+                                                 "first; .gz too); exit 1 on damage")
+    verify.add_argument("files", nargs="+", metavar="FILE")
+    verify.add_argument("--public-key", action="append", default=[], metavar="FILE",
+                        help="trusted public keys (a .pub file or PEM); default: <file>.pub beside the files")
     args = parser.parse_args(argv)
     return {"serve": cmd_serve, "check-config": cmd_check_config, "demo": cmd_demo, "dev-token": cmd_dev_token,
             "admin": cmd_admin, "hash-secret": cmd_hash_secret, "check-backend": cmd_check_backend,
-            "identity-key": cmd_identity_key, "identity-sql": cmd_identity_sql}[args.command](args)
+            "identity-key": cmd_identity_key, "identity-sql": cmd_identity_sql, "audit": cmd_audit}[args.command](args)
+
+
+def cmd_audit(args) -> int:
+    """verify: exit 0 when no damage is found, 1 when some is (each printed with its file and
+    line), 2 when a file or key cannot be read."""
+    from pgproxy.audit_verify import verify
+    try:
+        report = verify(args.files, args.public_key or None)
+    except (OSError, EOFError, ValueError) as exc:  # EOFError: a cut-off .gz
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    for line in report.lines():
+        print(line)
+    return 1 if report.problems else 0
 
 
 def cmd_check_backend(args) -> int:
@@ -93,6 +116,7 @@ def cmd_serve(args) -> int:
     if cfg is None:
         return 1
     setup_logging(cfg.log.level, cfg.log.format)
+    signal.signal(signal.SIGUSR1, lambda *_: early_reopen.update(pending=True))  # until the loop handles it
     from pgproxy.notify import sd_notify
     from pgproxy.supervisor import StartupError, Supervisor, check_startup
 
@@ -123,16 +147,21 @@ async def serve_until_signalled(cfg, on_ready=None, worker: tuple[int, int] = (0
                                 config_path: str | None = None) -> None:
     """Serve until SIGTERM/SIGINT; SIGHUP reloads ``config_path``.
     ``worker``: (index, supervisor pid) when one of several."""
+    from pgproxy.audit_chain import AuditKeyError
     from pgproxy.server import ProxyServer
     from pgproxy.supervisor import StartupError
     try:
         server = ProxyServer(cfg, worker_index=worker[0], group=worker[1])
-    except OSError as exc:  # e.g. the audit file, if it changed since check_startup
+    except (OSError, AuditKeyError) as exc:  # e.g. the audit file, if it changed since check_startup
         raise StartupError(f"cannot start: {exc}") from None
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    loop.add_signal_handler(signal.SIGUSR1, server.audit.reopen)  # logrotate's postrotate
+    if early_reopen["pending"]:
+        early_reopen["pending"] = False
+        server.audit.reopen()
     if config_path:
         loop.add_signal_handler(signal.SIGHUP, reload_config, server, config_path)
         if early_sighup["pending"]:  # a reload asked for while this process was starting
@@ -152,15 +181,17 @@ async def serve_until_signalled(cfg, on_ready=None, worker: tuple[int, int] = (0
 
 
 def reload_config(server, config_path: str) -> None:
-    """SIGHUP: load, validate, apply to new sessions — or keep the running configuration."""
+    """SIGHUP: load, validate, apply to new sessions — or keep the running configuration.
+    Either way the audit file is reopened if it was moved away (as on SIGUSR1)."""
     from pgproxy.logs import setup_logging
+    server.audit.reopen()
     try:
         new = load_config(config_path)
-    except ConfigError as exc:
+        blocked = server.reload(new)
+    except ConfigError as exc:  # server.reload: e.g. a new audit.file that cannot be opened
         log.error("configuration reload rejected; keeping the running one",
                   extra={"reason": "; ".join(exc.problems)})
         return
-    blocked = server.reload(new)
     if blocked:
         log.error("configuration reload rejected; keeping the running one",
                   extra={"reason": f"needs a restart to change: {', '.join(blocked)}"})

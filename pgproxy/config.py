@@ -135,6 +135,15 @@ class JwtSection:
                                               "0: no limit")
     token_cache_size: int = option(10_000, "validated tokens remembered until shortly before they expire")
     databases: list[str] = option([], "databases whose clients may log in with a JWT; empty: all")
+    introspection_url: str = option("", "RFC 7662 token introspection endpoint, asked about opaque (non-JWT) "
+                                        "access tokens; empty: only JWTs are accepted")
+    introspection_client_id: str = option("", "client id pgproxy presents to the introspection endpoint "
+                                              "(HTTP Basic, RFC 6749 section 2.3.1)")
+    introspection_client_secret_file: str = option("", "file holding that client's secret (first line)")
+    introspection_cache_s: float = option(60.0, "an active answer is reused this long at most (never past the "
+                                                "token's exp); 0: ask at every login")
+    # Filled by Config.resolve_secrets(); never part of the file.
+    introspection_client_secret: str | None = field(default=None, repr=False, compare=False)
 
 
 @dataclass
@@ -179,6 +188,18 @@ class AuthSection:
     ldap: LdapSection | None = option(None, "LDAP or Active Directory passwords, checked live")
     service_accounts: ServiceAccountsSection | None = option(None, "static secrets for batch jobs")
     default_role: str = option("", "role for identities no [[roles]] rule matches; empty refuses them")
+    methods: list[str] = option(["password"], "what clients are asked for, in order of preference: password "
+                                              "(a token or directory password as the password) and oauthbearer "
+                                              "(SASL OAUTHBEARER, PostgreSQL 18 clients: psql, libpq, pgx); a "
+                                              "connection is offered the first that serves its database")
+    database_methods: dict[str, str] = option({}, "the one method offered per database, e.g. { analytics = "
+                                                  "\"oauthbearer\" }; each one of methods")
+    listener_methods: dict[str, str] = option({}, "the one method offered per listening port (\"6433\") or "
+                                                  "\"unix\"; wins over database_methods")
+    oauth_issuer: str = option("", "the issuer (or its .well-known discovery URL) OAUTHBEARER clients get tokens "
+                                   "from; it must equal their oauth_issuer; empty: auth.jwt.issuer")
+    oauth_scope: str = option("", "the scopes OAUTHBEARER clients ask the IdP for (space-separated); required "
+                                  "with oauthbearer")
 
 
 @dataclass
@@ -221,11 +242,31 @@ class PolicyRule:
 
 @dataclass
 class AuditSection:
-    file: str = option(REQUIRED, "JSON-lines audit file (appended)", reloadable=False)
+    file: str = option(REQUIRED, "JSON-lines audit file (appended); SIGHUP may move it (audit_file_changed is "
+                                 "written in both)")
     parameters: str = option("full", "bound parameters in statement records: full, redacted or off")
     max_parameter_length: int = option(256, "longer parameter values are cut to this many characters")
     max_statement_length: int = option(16_384, "longer statement texts are cut to this many characters")
-    queue_size: int = option(100_000, "records waiting for the writer before sessions wait for it")
+    queue_size: int = option(100_000, "records waiting for the writer; past it the trail is unavailable (new "
+                                      "statements and logins are refused; with on_failure = continue records are "
+                                      "dropped)")
+    on_failure: str = option("refuse", "while the audit file cannot be written: refuse new statements and logins "
+                                       "(58030) until it can, or continue without a trail (UNSAFE: records are "
+                                       "dropped past queue_size)")
+    durability: str = option("batch", "batch: records are written every flush_interval_ms; before_result: a "
+                                      "statement's result reaches the client only once its record is written "
+                                      "and fsync'ed")
+    flush_interval_ms: int = option(20, "durability = batch: the writer appends what is queued this often")
+    fsync: str = option("batch", "durability = batch: fsync after each write (batch) or leave it to the "
+                                 "kernel (never); before_result always fsyncs")
+    rotate_size_mb: float = option(0.0, "rename the file to <file>.<UTC time> and start a new one past this "
+                                        "size; 0: never (use logrotate and SIGUSR1)")
+    rotate_interval_h: float = option(0.0, "rotate the file this often (hours); 0: never")
+    checkpoint_records: int = option(1000, "a signed checkpoint after this many records of a writer")
+    checkpoint_interval_s: float = option(10.0, "a signed checkpoint after this many seconds with new records")
+    signing_key_file: str = option("", "Ed25519 key (PEM, mode 0600) that signs the checkpoints; created at the "
+                                       "first start if missing; empty: a new key each start, in memory only. The "
+                                       "public key is appended to <file>.pub", reloadable=False)
 
 
 @dataclass
@@ -327,6 +368,9 @@ class Config:
         if jwt and (jwt.shared_secret_file or jwt.shared_secret_env):
             secret = _read_secret(jwt.shared_secret_file, jwt.shared_secret_env, "auth.jwt.shared_secret", problems)
             self.jwt_shared_secret = secret.encode() if secret else None
+        if jwt and jwt.introspection_client_secret_file:
+            jwt.introspection_client_secret = _read_secret(jwt.introspection_client_secret_file, "",
+                                                           "auth.jwt.introspection_client_secret", problems)
         ldap = self.auth.ldap
         if ldap and (ldap.bind_password_file or ldap.bind_password_env):
             self.ldap_bind_password = _read_secret(ldap.bind_password_file, ldap.bind_password_env,
@@ -533,8 +577,8 @@ def _check_rules(cfg: Config, problems: list[str]) -> None:
         _check_role_template(rule.role, f"roles[{i}].role", problems)
     if cfg.auth.default_role:
         _check_role_template(cfg.auth.default_role, "auth.default_role", problems)
-    if cfg.audit.parameters not in ("full", "redacted", "off"):
-        problems.append("audit.parameters: must be full, redacted or off")
+    _check_auth_methods(cfg, problems)
+    _check_audit(cfg.audit, problems)
     if cfg.log.level not in ("debug", "info", "warning", "error"):
         problems.append("log.level: must be debug, info, warning or error")
     if cfg.log.format not in ("logfmt", "json"):
@@ -602,6 +646,38 @@ def _check_jwt(jwt: JwtSection, problems: list[str]) -> None:
         problems.append("auth.jwt.max_token_lifetime_s: must not be negative")
 
 
+def _check_auth_methods(cfg: Config, problems: list[str]) -> None:
+    auth, known = cfg.auth, ("oauthbearer", "password")
+    if not auth.methods or len(set(auth.methods)) != len(auth.methods) or not set(auth.methods) <= set(known):
+        problems.append("auth.methods: list oauthbearer and/or password, each once")
+    for key, table in (("database_methods", auth.database_methods), ("listener_methods", auth.listener_methods)):
+        for name, method in table.items():
+            if method not in auth.methods:
+                problems.append(f"auth.{key}.{name}: {method!r} is not in auth.methods")
+    for name in auth.listener_methods:
+        if name != "unix" and not (name.isdigit() and 0 < int(name) < 65536):
+            problems.append(f"auth.listener_methods.{name}: a port number (\"6433\") or \"unix\"")
+    if "oauthbearer" in auth.methods:
+        if auth.jwt is None:
+            problems.append("auth.methods: oauthbearer needs [auth.jwt] (its tokens are validated there)")
+        if not auth.oauth_scope.strip():
+            problems.append("auth.oauth_scope: required with oauthbearer (the scopes clients ask the IdP for)")
+    for key, text in (("oauth_issuer", auth.oauth_issuer), ("oauth_scope", auth.oauth_scope)):
+        if any(c in text for c in '"\\') or not text.isprintable():
+            problems.append(f"auth.{key}: no quotes, backslashes or control characters")
+    if auth.oauth_issuer and not auth.oauth_issuer.startswith(("https://", "http://")):
+        problems.append("auth.oauth_issuer: must be an http(s) URL")
+    jwt = auth.jwt
+    if jwt is not None and jwt.introspection_url:
+        if not jwt.introspection_url.startswith(("https://", "http://")):
+            problems.append("auth.jwt.introspection_url: must be an http(s) URL")
+        if not (jwt.introspection_client_id and jwt.introspection_client_secret_file):
+            problems.append("auth.jwt.introspection_url: needs introspection_client_id and "
+                            "introspection_client_secret_file")
+    if jwt is not None and jwt.introspection_cache_s < 0:
+        problems.append("auth.jwt.introspection_cache_s: must not be negative")
+
+
 def _check_ldap(ldap: LdapSection, problems: list[str]) -> None:
     where = "auth.ldap"
     if not ldap.urls:
@@ -643,6 +719,24 @@ def _check_ldap(ldap: LdapSection, problems: list[str]) -> None:
         problems.append(f"{where}.username_attribute: not an attribute name")
     if ldap.timeout_s <= 0 or ldap.max_concurrency <= 0:
         problems.append(f"{where}: timeout_s and max_concurrency must be greater than zero")
+
+
+def _check_audit(audit: AuditSection, problems: list[str]) -> None:
+    choices = {"parameters": ("full", "redacted", "off"), "on_failure": ("refuse", "continue"),
+               "durability": ("batch", "before_result"), "fsync": ("batch", "never")}
+    for key, allowed in choices.items():
+        if getattr(audit, key) not in allowed:
+            problems.append(f"audit.{key}: must be {', '.join(allowed[:-1])} or {allowed[-1]}")
+    if not 1 <= audit.flush_interval_ms <= 10_000:
+        problems.append("audit.flush_interval_ms: must be 1-10000")
+    for key in ("rotate_size_mb", "rotate_interval_h"):
+        if getattr(audit, key) < 0:
+            problems.append(f"audit.{key}: must not be negative")
+    if audit.checkpoint_records < 1 or audit.checkpoint_interval_s <= 0:
+        problems.append("audit: checkpoint_records and checkpoint_interval_s must be greater than zero")
+    if audit.signing_key_file and os.path.abspath(audit.signing_key_file).startswith(
+            os.path.abspath(audit.file) + "."):
+        problems.append("audit.signing_key_file: keep the key apart from the trail (not <file>.*)")
 
 
 def _one_secret_source(where: str, name: str, path: str, env: str, problems: list[str]) -> None:

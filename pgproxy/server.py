@@ -40,6 +40,7 @@ from pgproxy.frontend.session import ClientSession
 from pgproxy.frontend.startup import text_array
 from pgproxy.metrics import Metrics
 from pgproxy.notify import sd_notify
+from pgproxy.protocol.messages import MAX_CANCEL_KEY, MIN_CANCEL_KEY
 from pgproxy.supervisor import StartupError, bind_failure, cancel_socket_name
 
 log = logging.getLogger("pgproxy.server")
@@ -49,6 +50,7 @@ READY_CACHE_S = 5.0  # /readyz logs in to PostgreSQL at most this often
 
 
 CANCEL_OWNER_SHIFT = 24  # with several workers, a cancel key's top bits name its worker
+LONG_CANCEL_KEY = 32     # bytes of secret for protocol 3.2 clients (3.0 clients: 4)
 # The Unix-socket listener, bound by the supervisor before it forks (workers inherit it).
 inherited_unix_socket: socket.socket | None = None
 
@@ -261,7 +263,11 @@ class ProxyServer:
     def multi_worker(self) -> bool:
         return self.cfg.server.workers > 1
 
-    def register_cancel(self, session: ClientSession) -> tuple[int, int]:
+    def register_cancel(self, session: ClientSession) -> tuple[int, bytes]:
+        """A new cancel key for a session: (process id, secret). The process id finds the
+        session (with several workers its top bits name the worker that owns it); the secret
+        is 4 random bytes for protocol 3.0 clients and 32 for 3.2 clients, which accept keys
+        of up to 256 bytes."""
         while True:
             if self.multi_worker:
                 pid = (self.worker_index << CANCEL_OWNER_SHIFT) | (secrets.randbelow((1 << CANCEL_OWNER_SHIFT) - 1) + 1)
@@ -270,17 +276,21 @@ class ProxyServer:
             if pid not in self._cancel_keys:
                 break
         self._cancel_keys[pid] = session
-        return pid, secrets.randbits(32)
+        long_keys = getattr(session, "protocol_minor", 0) >= 2
+        return pid, secrets.token_bytes(LONG_CANCEL_KEY if long_keys else 4)
 
-    def cancel(self, pid: int, secret: int, peer: str) -> None:
+    def cancel(self, pid: int, key: bytes, peer: str) -> None:
+        """A CancelRequest (any key length, 4 to 256 bytes): forwarded to PostgreSQL for the
+        session it names if the key matches; unknown keys are ignored, as PostgreSQL does."""
         owner = pid >> CANCEL_OWNER_SHIFT
         if self.multi_worker and owner != self.worker_index:
             if 0 <= owner < self.cfg.server.workers:
-                self._forward_cancel(owner, pid, secret)
+                self._forward_cancel(owner, pid, key)
             return
         session = self._cancel_keys.get(pid)
+        # compare_digest: constant time for equal lengths, and False for a key of another length
         ok = session is not None and session.cancel_key is not None and hmac.compare_digest(
-            struct.pack("!I", session.cancel_key[1]), struct.pack("!I", secret))
+            session.cancel_key[1], key)
         if not ok or session.backend is None:
             log.info("cancel request ignored", extra={"client": peer, "reason": "unknown key" if not ok else "idle"})
             return
@@ -290,12 +300,13 @@ class ProxyServer:
             send_cancel(self.cfg.backend.host, self.cfg.backend.port, backend.pid, backend.secret))
         task.add_done_callback(_log_cancel_failure)
 
-    def _forward_cancel(self, owner: int, pid: int, secret: int) -> None:
-        """Hand a cancel key to the worker that owns it (it checks the secret)."""
+    def _forward_cancel(self, owner: int, pid: int, key: bytes) -> None:
+        """Hand a cancel key to the worker that owns it (it checks the key): one datagram,
+        the process id then the key."""
         try:
             with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as out:
                 out.setblocking(False)
-                out.sendto(struct.pack("!iI", pid, secret), cancel_socket_name(self.group, owner))
+                out.sendto(struct.pack("!i", pid) + key, cancel_socket_name(self.group, owner))
             log.debug("cancel request passed to its worker", extra={"owner": owner})
         except OSError as exc:
             log.warning("cannot pass a cancel request to its worker", extra={"owner": owner, "reason": str(exc)})
@@ -303,21 +314,28 @@ class ProxyServer:
     def _cancel_inbox_readable(self) -> None:
         while True:
             try:
-                data = self._cancel_inbox.recv(64)
+                data = self._cancel_inbox.recv(4 + MAX_CANCEL_KEY + 1)
             except (BlockingIOError, InterruptedError):
                 return
-            if len(data) == 8:
-                pid, secret = struct.unpack("!iI", data)
+            if 4 + MIN_CANCEL_KEY <= len(data) <= 4 + MAX_CANCEL_KEY:
+                (pid,) = struct.unpack_from("!i", data)
                 if pid >> CANCEL_OWNER_SHIFT == self.worker_index:  # never bounce a key onwards
-                    self.cancel(pid, secret, "another worker")
+                    self.cancel(pid, data[4:], "another worker")
 
     def reload(self, new: Config) -> list[str]:
         """Apply a new configuration to new sessions; running sessions keep what they have.
 
-        Returns the restart-only options that differ (then nothing is applied)."""
+        Returns the restart-only options that differ (then nothing is applied); raises
+        ConfigError if a new audit file cannot be opened (nothing applied either)."""
         blocked = restart_only_changes(self.cfg, new)
         if blocked:
             return blocked
+        audit_problem = self.audit.check_reconfigure(new.audit)
+        if audit_problem:
+            from pgproxy.config import ConfigError
+            raise ConfigError([audit_problem])
+        if new.audit != self.cfg.audit:
+            self.audit.reconfigure(new.audit)  # a new file: audit_file_changed in both
         self._set_authenticators(new, self.cfg)
         _warn_if_unguarded(new)
         self._policies = {}

@@ -8,6 +8,7 @@ cancel keys carry the owner's index in their top bits, and a worker passes a key
 does not own to the owner over a Unix datagram socket (see ProxyServer.cancel).
 
 Signals: SIGHUP is passed to every worker, which reloads the configuration file itself;
+SIGUSR1 is passed to every worker, which reopens its audit file (logrotate's postrotate);
 SIGTERM and SIGINT are passed to every worker, which shut down gracefully;
 the supervisor exits 0 once all have exited cleanly. A worker that dies otherwise is
 logged and restarted.
@@ -63,6 +64,7 @@ class Supervisor:
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self.handle_stop)
         signal.signal(signal.SIGHUP, self.handle_reload)
+        signal.signal(signal.SIGUSR1, self.handle_reopen)
         signal.signal(signal.SIGCHLD, lambda *_: None)  # only to wake the select below
         self._ready_r, self._ready_w = os.pipe()  # each worker writes one byte once it listens
         self._wake_r, self._wake_w = os.pipe()
@@ -166,6 +168,10 @@ class Supervisor:
                         extra={"reason": str(exc).replace("\n", "; ")})
         self._signal_workers(signal.SIGHUP)
 
+    def handle_reopen(self, signum, _frame) -> None:
+        """Each worker reopens its audit file if it was moved away."""
+        self._signal_workers(signal.SIGUSR1)
+
     def _signal_workers(self, signum: int) -> None:
         for pid in list(self.workers):
             try:
@@ -189,6 +195,7 @@ class Supervisor:
             from pgproxy import cli, logs
             # Until the worker's loop handles SIGHUP, remember one rather than lose it.
             signal.signal(signal.SIGHUP, lambda *_: cli.early_sighup.update(pending=True))
+            signal.signal(signal.SIGUSR1, lambda *_: cli.early_reopen.update(pending=True))
             logs.worker_index = index
             os.close(self._ready_r)
             ready_w = self._ready_w
@@ -215,8 +222,9 @@ class StartupError(Exception):
 
 
 def check_startup(cfg: Config) -> None:
-    """StartupError if a listen address is taken or unusable, or the audit file cannot be
-    opened: found before anything listens, rather than by a worker that dies or, worse, a
+    """StartupError if a listen address is taken or unusable, or the audit file or its
+    signing key cannot be opened (a missing key file is created here, once, before any
+    worker exists): found before anything listens, rather than by a worker that dies or, worse, a
     second proxy that shares the port.
 
     Once per start (see the module header). The Unix socket is checked where it is bound
@@ -231,11 +239,16 @@ def check_startup(cfg: Config) -> None:
                 raise StartupError(f"{first} ({first_key}) and {entry} ({key}) are the same address; list it once")
             seen[sockaddr] = (key, entry)
     try:
-        with open(cfg.audit.file, "a", encoding="utf-8"):
-            pass
+        os.close(os.open(cfg.audit.file, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640))
     except OSError as exc:
         raise StartupError(f"cannot open the audit file {cfg.audit.file} for appending: {exc.strerror}; "
                            "fix audit.file or its directory's permissions") from None
+    if cfg.audit.signing_key_file:
+        from pgproxy.audit_chain import AuditKeyError, load_or_create_key
+        try:
+            load_or_create_key(cfg.audit.signing_key_file)
+        except AuditKeyError as exc:
+            raise StartupError(f"{exc}; fix audit.signing_key_file") from None
 
 
 def probe_listen_address(key: str, entry: str) -> list[tuple]:

@@ -25,6 +25,11 @@ class Identity:
     auth_method: str         # "jwt", "ldap" or "service"
     expires_at: float | None = None
     role: str = ""           # a service account's own role; others are mapped by [[roles]]
+    # Who acts, for the audit (a person, or an agent on a person's behalf): the OAuth client
+    # the token was issued to ('azp' or 'client_id'), and RFC 8693's 'act' (delegation) chain
+    # as the subjects that act, outermost first.
+    client_id: str = ""
+    actors: tuple[str, ...] = ()
 
 
 def canonical_username(startup: str, canonical: object, case_insensitive: bool, source: str) -> str:

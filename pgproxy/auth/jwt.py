@@ -35,6 +35,7 @@ from collections import OrderedDict
 import jwt as pyjwt
 
 from pgproxy.auth import Identity, canonical_username, remember
+from pgproxy.auth.introspection import Introspector
 from pgproxy.config import HMAC_ALGORITHMS, JwtSection
 from pgproxy.errors import PgProxyError, auth_failed, auth_unavailable
 
@@ -243,6 +244,8 @@ class JwtAuthenticator:
         self._cfg = cfg
         self._secret = shared_secret
         self.keys = JwksCache(cfg)
+        # Opaque access tokens, when the IdP issues them (auth/introspection.py)
+        self.introspection = Introspector(cfg) if cfg.introspection_url else None
         # token digest -> (counts until, claims, fingerprint of the verifying JWKS key or None for HMAC)
         self._cache: OrderedDict[bytes, tuple[float, dict, str | None]] = OrderedDict()
         self.cache_hits = 0
@@ -257,6 +260,8 @@ class JwtAuthenticator:
         return self._identity(user, claims)
 
     async def _verified_claims(self, token: str) -> dict:
+        if self.introspection is not None and not looks_like_jwt(token):
+            return await self.introspection.claims(token)
         if len(token) > MAX_TOKEN_LENGTH or not looks_like_jwt(token):
             raise auth_failed("", "password is not a JWT")
         digest = hashlib.sha256(token.encode()).digest()
@@ -305,5 +310,17 @@ class JwtAuthenticator:
         if isinstance(raw_groups, str):
             raw_groups = [raw_groups]
         groups = tuple(g for g in raw_groups if isinstance(g, str)) if isinstance(raw_groups, list) else ()
+        client_id = claims.get("azp") or claims.get("client_id") or ""
         return Identity(username=username, subject=str(claims.get("sub", "")), issuer=str(claims.get("iss", "")),
-                        groups=groups, auth_method=self.method, expires_at=float(claims["exp"]))
+                        groups=groups, auth_method=self.method, expires_at=float(claims["exp"]),
+                        client_id=client_id if isinstance(client_id, str) else "", actors=_actors(claims.get("act")))
+
+
+def _actors(act, depth: int = 0) -> tuple[str, ...]:
+    """RFC 8693 'act': {"sub": "agent", "act": {"sub": "…"}} — the acting subjects, outermost
+    first (bounded: a token is at most 16 KiB, the chain at most 8 deep here)."""
+    if not isinstance(act, dict) or depth >= 8:
+        return ()
+    subject = act.get("sub") or act.get("client_id")
+    here = (str(subject)[:256],) if subject else ()
+    return here + _actors(act.get("act"), depth + 1)

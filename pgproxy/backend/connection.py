@@ -210,6 +210,8 @@ class BackendConnection(asyncio.Protocol):
         """Send ``data`` (simple queries, or extended messages ending in Sync); return every
         message up to the ``ready_count``-th ReadyForQuery. Raises ProxyFailure carrying the
         server's SQLSTATE if anything failed."""
+        if self.broken:
+            raise backend_unavailable(f"server connection closed: {self.close_reason or 'EOF'}")
         self.transport.write(data)
         replies: list[tuple[int, bytes]] = []
         error: dict[str, str] | None = None

@@ -245,7 +245,9 @@ class Pool:
         self.stats.resets += 1
         try:
             await asyncio.wait_for(conn.reset(), self._cfg.connect_timeout_s)
-        except (PgProxyError, asyncio.TimeoutError) as exc:
+        except Exception as exc:  # whatever went wrong, the slot is given back: never leaked
+            if not isinstance(exc, (PgProxyError, asyncio.TimeoutError)):
+                log.warning("reset failed unexpectedly", extra={"database": self.database, "reason": repr(exc)})
             self.stats.reset_failures += 1
             conn.close(f"reset failed: {getattr(exc, 'log_detail', None) or type(exc).__name__}")
             self._forget(conn, "reset failed")

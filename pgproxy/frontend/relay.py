@@ -74,7 +74,7 @@ class Relay:
     __slots__ = ("pooled", "policy", "session", "pool", "key", "person", "role", "backend", "pipeline", "scanner",
                  "statements", "portals", "unnamed", "unnamed_gen", "pinned", "waiting", "switch_pending",
                  "acquiring", "txn_status", "refuse_state", "prepared_limit", "idle_since", "skipping",
-                 "past_guard", "attaching", "sync_owed", "signer", "changes_due", "local_sync")
+                 "past_guard", "attaching", "sync_owed", "signer", "changes_due", "local_sync", "described_types")
 
     def __init__(self, session, pool, role: str, person: tuple, settings: dict[str, str], cfg,
                  pooled: bool, policy=None, signer=None) -> None:
@@ -111,6 +111,7 @@ class Relay:
         # own (the connection need not wait for the client); this is that Sync's entry, until the
         # client's Sync, which it answers. Messages up to that Sync are dropped, as PostgreSQL would.
         self.local_sync: Expected | None = None
+        self.described_types: dict[str, tuple] | None = None  # statement -> parameter types the server described
 
     @property
     def active(self) -> bool:
@@ -218,8 +219,8 @@ class Relay:
             else:
                 sync_after_first = first_kind in (_Q, _F)
         for i, (kind, raw) in enumerate(frames):
-            if self.skipping and kind != _S:
-                continue
+            if self.skipping and kind != _S and kind != _H:
+                continue  # the server skips these too (a Flush still gets it to send its error)
             if self.past_guard:
                 self.waiting = frames[i:]  # past the guard's protection: wait for its answer
                 self.session.pause_reading_client()
@@ -392,6 +393,7 @@ class Relay:
             self._reapply(effects.reset, out)
             out.append(msg.SYNC)
             self.pipeline.expect(Expected(SYNC))
+            self.past_guard = True  # nothing guards what follows: it waits for the re-apply's answer
             return
         out.append(raw)
         self.pipeline.expect(Expected(QUERY, statement=statement))
@@ -493,6 +495,8 @@ class Relay:
 
     def _parse(self, raw: bytes, out: list[bytes]) -> None:
         parse = msg.parse_parse(raw[5:])
+        if self.described_types is not None:
+            self.described_types.pop(parse.statement, None)  # a new statement under that name
         verdict, allowed = self._verdict(parse.query, PARSE, out)
         if not allowed:
             return
@@ -570,6 +574,8 @@ class Relay:
         body = raw[5:]
         bind = msg.parse_bind(body)
         text, types = self.statements.get(bind.statement, self.unnamed if not bind.statement else None) or ("", ())
+        if self.described_types is not None and bind.statement in self.described_types:
+            types = self.described_types[bind.statement]  # asyncpg & co. leave the types to the server
         self.portals[bind.portal] = (text, bind.params, (bind.param_formats, types))
         if not self.pooled:
             out.append(raw)
@@ -592,7 +598,7 @@ class Relay:
             if ours != name:
                 raw = msg.describe_message("S", ours)
         out.append(raw)
-        self.pipeline.expect(Expected(DESCRIBE))
+        self.pipeline.expect(Expected(DESCRIBE, payload=("S", name) if what == "S" else None))
 
     def _close(self, raw: bytes, out: list[bytes]) -> None:
         what, name = msg.parse_close(raw[5:])
@@ -670,6 +676,20 @@ class Relay:
         self.idle_since = time.monotonic()
         if self.backend is not None:
             self.backend.txn_status = status
+
+    def described(self, payload: tuple, body: bytes) -> None:
+        """ParameterDescription for a statement the client described: remembered (bounded by
+        the statements it has) so binary parameters are audited readably."""
+        count = int.from_bytes(body[:2], "big")
+        types = tuple(int.from_bytes(body[2 + 4 * i:6 + 4 * i], "big") for i in range(min(count, (len(body) - 2) // 4)))
+        name = payload[1]
+        if self.described_types is None:
+            self.described_types = {}
+        known = self.described_types
+        if name in self.statements or not name:
+            known[name] = types
+            if len(known) > len(self.statements) + 1:  # closed statements: forget them
+                self.described_types = {k: v for k, v in known.items() if not k or k in self.statements}
 
     def statement_done(self, statement, outcome: str) -> None:
         self.session.audit_statement(statement, outcome)

@@ -8,7 +8,9 @@ States (the only transitions):
 
 * STARTUP: untyped packets, at most 10,000 bytes each.
 * AUTHENTICATING: we asked for a cleartext password (the token); the client sends one
-  PasswordMessage and nothing else.
+  PasswordMessage and nothing else. Or, where [auth] offers OAUTHBEARER, the SASL exchange
+  of auth/oauthbearer.py: one SASL message at a time; a refused token returns here from
+  LOGGING_IN for the client's acknowledgement, then the session ends with 28000.
 * LOGGING_IN: reading is paused while the credential is validated, the identity mapped
   to a role, a backend connection taken and switched to that role.
 * READY: client messages are framed whole (bounded by ``server.max_message_size``) and
@@ -23,13 +25,16 @@ reaches the client through ``_fail`` as an ErrorResponse with its SQLSTATE.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import enum
 import logging
 import secrets
 import ssl
-import struct
 import time
 
+from pgproxy.auth import oauthbearer as oauth
+from pgproxy.auth.oauthbearer import AUTH_METHOD as OAUTH_METHOD, MECHANISM as OAUTH_MECHANISM
+from pgproxy.auth.oauthbearer import OAuthBearerExchange, choose_method, discovery_url
 from pgproxy.errors import (PgProxyError, ProxyFailure, insecure_transport, no_user_name, not_authorized,
                             protocol_violation, too_many_clients, unsupported)
 from pgproxy.frontend.startup import client_settings, session_settings, text_array
@@ -76,7 +81,7 @@ class ClientSession(asyncio.Protocol):
     __slots__ = ("server", "state", "transport", "peer", "session_id", "user", "database", "role", "identity",
                  "backend", "pool", "cancel_key", "audit_prefix", "_startup_buf", "_reader",
                  "_settings", "_close_reason", "_auth_timer",
-                 "_login_task", "connected_at", "relay", "peer_ip", "tls", "_upgrading")
+                 "_login_task", "connected_at", "relay", "peer_ip", "tls", "_upgrading", "protocol_minor", "_sasl")
 
     def __init__(self, server) -> None:
         self.server = server
@@ -103,6 +108,8 @@ class ClientSession(asyncio.Protocol):
         self.peer_ip = ""
         self.tls = None          # the ssl object once the client speaks TLS
         self._upgrading = False  # a TLS handshake is under way
+        self.protocol_minor = 0  # the 3.x protocol agreed with the client (2: long cancel keys)
+        self._sasl: OAuthBearerExchange | None = None  # while an OAUTHBEARER exchange runs
 
     # --- asyncio.Protocol --------------------------------------------------------------
 
@@ -245,10 +252,8 @@ class ClientSession(asyncio.Protocol):
                     return
                 self.transport.write(msg.SSL_REFUSED)
             elif code == msg.CANCEL_REQUEST:
-                if len(body) != 8:
-                    raise protocol_violation("malformed cancel request")
-                pid, secret = struct.unpack("!iI", body)
-                self.server.cancel(pid, secret, self.peer)
+                pid, key = msg.parse_cancel_request(body)  # 4-byte keys (3.0) up to 256 (3.2)
+                self.server.cancel(pid, key, self.peer)
                 self._close("cancel request")
                 return
             elif code >> 16 == 3:
@@ -306,10 +311,30 @@ class ClientSession(asyncio.Protocol):
         allowed = self.server.cfg.backend.databases
         if allowed and self.database not in allowed:
             raise not_authorized(self.user, f'database "{self.database}" is not in backend.databases')
-        if minor or protocol_options:
-            self.transport.write(msg.negotiate_protocol_version(0, protocol_options))
-        self.transport.write(msg.AUTH_CLEARTEXT_PASSWORD)
+        # As PostgreSQL does: a newer minor than ours, or _pq_ options (we support none), get
+        # one NegotiateProtocolVersion with our newest minor; the session then speaks that.
+        self.protocol_minor = min(minor, msg.PROTOCOL_LATEST_MINOR)
+        if minor > msg.PROTOCOL_LATEST_MINOR or protocol_options:
+            self.transport.write(msg.negotiate_protocol_version(self.protocol_minor, protocol_options))
+        self._ask_for_credentials()
         self.state = SessionState.AUTHENTICATING
+
+    def _ask_for_credentials(self) -> None:
+        """Offer the one method [auth] chooses for this connection (auth/oauthbearer.py
+        choose_method): a password prompt, or SASL OAUTHBEARER."""
+        server, auth = self.server, self.server.cfg.auth
+        sockname = self.transport.get_extra_info("sockname")
+        listener = str(sockname[1]) if isinstance(sockname, tuple) else "unix"
+        jwt = auth.jwt
+        bearer_serves = server.jwt is not None and jwt is not None and (
+            not jwt.databases or self.database in jwt.databases)
+        method = choose_method(auth.methods, auth.listener_methods, auth.database_methods, listener,
+                               self.database, bearer_serves, self.user)
+        if method == OAUTH_METHOD:
+            self._sasl = OAuthBearerExchange(discovery_url(auth.oauth_issuer or jwt.issuer), auth.oauth_scope)
+            self.transport.write(msg.auth_sasl([OAUTH_MECHANISM]))
+        else:
+            self.transport.write(msg.AUTH_CLEARTEXT_PASSWORD)
 
     def _check_transport_security(self) -> None:
         """Passwords and tokens travel in the clear without TLS: only from trusted addresses.
@@ -337,7 +362,11 @@ class ClientSession(asyncio.Protocol):
         if not messages:
             return
         if len(messages) > 1 or self._reader.buffered or messages[0][0] != ord("p"):
-            raise protocol_violation("expected exactly one password message")
+            raise protocol_violation("expected exactly one password message" if self._sasl is None
+                                     else "expected exactly one SASL response")
+        if self._sasl is not None:
+            self._sasl_response(messages[0][1][5:])
+            return
         secret = messages[0][1][5:]
         if not secret.endswith(b"\0") or b"\0" in secret[:-1]:
             raise protocol_violation("malformed password message")
@@ -345,6 +374,84 @@ class ClientSession(asyncio.Protocol):
         self.transport.pause_reading()
         self._login_task = asyncio.get_running_loop().create_task(
             self._login(secret[:-1].decode("utf-8", "replace")))
+
+    # --- SASL OAUTHBEARER (auth/oauthbearer.py) ----------------------------------------
+
+    def _sasl_response(self, body: bytes) -> None:
+        step = self._sasl.receive(body)  # malformed: 08P01, raised to data_received
+        if isinstance(step, oauth.Challenge):
+            if self._sasl.step is oauth.Step.AWAIT_ACK:  # discovery, or a value that is no bearer token
+                self._bearer_error(step)
+            else:  # the empty challenge: the client sent no initial response yet
+                self.transport.write(msg.auth_sasl_continue(step.data))
+            return
+        if isinstance(step, oauth.Validate):
+            self.state = SessionState.LOGGING_IN
+            self.transport.pause_reading()
+            self._login_task = asyncio.get_running_loop().create_task(self._bearer_login(step.token))
+            return
+        # Refuse: the client acknowledged the error JSON; end as PostgreSQL does (FATAL 28000)
+        refusal = oauth.bearer_refused(self.user, step.reason)
+        if step.discovery:
+            # Routine (libpq's first connection without a token), not a failed login: no
+            # warning, no denial; the client reconnects with a token.
+            log.debug("OAuth discovery answered", extra={"session": self.session_id, "client": self.peer})
+            self.transport.write(msg.error_response(refusal))
+            self._close("OAuth discovery answered; the client reconnects with a token")
+            return
+        raise refusal
+
+    def _bearer_error(self, challenge: oauth.Challenge) -> None:
+        """Send the error JSON; the client answers with a lone separator byte, then gets FATAL
+        28000. A refused token is audited like a failed password; a discovery request is no
+        failure."""
+        if not self._sasl.discovery:
+            self.server.audit.event("auth_failure", session=self.session_id, user=self.user, database=self.database,
+                                    client=self.peer, reason=self._sasl.reason, auth_method=oauth.AUTH_METHOD)
+        self.transport.write(msg.auth_sasl_continue(challenge.data))
+
+    async def _bearer_login(self, token: str) -> None:
+        try:
+            reason = await self._bearer_authenticate(token)
+            del token
+            if self.state is SessionState.CLOSED:  # the client left while we worked
+                return
+            if reason is not None:
+                self.state = SessionState.AUTHENTICATING
+                self._bearer_error(self._sasl.refused(reason))
+                self.transport.resume_reading()
+                return
+            self._sasl.accepted()
+            self.identity = dataclasses.replace(self.identity, auth_method=oauth.AUTH_METHOD)
+            await self._take_backend()
+        except PgProxyError as exc:
+            if exc.sqlstate in ("28P01", "28000"):  # e.g. the mapped role cannot be become
+                self.server.audit.event("auth_failure", session=self.session_id, user=self.user,
+                                        database=self.database, client=self.peer, reason=exc.log_detail,
+                                        auth_method=oauth.AUTH_METHOD)
+            self._fail(exc)
+        except Exception as exc:  # a bug must cost one session, never the proxy
+            log.exception("login failed unexpectedly", extra={"session": self.session_id})
+            self._fail(ProxyFailure("internal error", sqlstate="XX000", severity="FATAL", log_detail=repr(exc)))
+        finally:
+            self._login_task = None
+
+    async def _bearer_authenticate(self, token: str) -> str | None:
+        """Validate a bearer token where a token-as-password goes (``_authenticate``: the JWT
+        validator, then identity and role mapping) and only there — never to the directory
+        or the service accounts, which take passwords. None once the identity is set, else
+        why the token is refused (for the log)."""
+        server = self.server
+        if server.authenticator_for(self.user, token, self.database) is not server.jwt:
+            return ("the bearer token is not a JWT and [auth.jwt] has no introspection_url, or another "
+                    "authenticator (service accounts, LDAP) claims this user or database")
+        try:
+            await self._authenticate(token)  # it chooses as authenticator_for just did: no await between
+        except PgProxyError as exc:
+            if exc.sqlstate in ("28P01", "28000"):
+                return exc.log_detail
+            raise
+        return None
 
     async def _login(self, secret: str) -> None:
         try:
@@ -424,8 +531,12 @@ class ClientSession(asyncio.Protocol):
 
     def _finish_login(self, backend, transaction_mode: bool) -> None:
         self.cancel_key = self.server.register_cancel(self)
+        actor = {"client_id": self.identity.client_id} if self.identity.client_id else {}
+        if self.identity.actors:
+            actor["actors"] = list(self.identity.actors)  # an agent acting for the person (RFC 8693 'act')
         self.audit_prefix = self.server.audit.session_prefix(
-            {"session": self.session_id, "user": self.user, "role": self.role, "auth_method": self.identity.auth_method})
+            {"session": self.session_id, "user": self.user, "role": self.role, "auth_method": self.identity.auth_method,
+             **actor, "application_name": self._settings.get("application_name", "")})
         params = dict(backend.params)
         out = [msg.AUTH_OK]
         out += [msg.parameter_status(k, v) for k, v in params.items()]
@@ -438,7 +549,8 @@ class ClientSession(asyncio.Protocol):
         identity = self.identity
         self.server.audit.event("session_start", session=self.session_id, user=self.user, role=self.role,
                                 subject=identity.subject, issuer=identity.issuer, groups=list(identity.groups),
-                                auth_method=identity.auth_method, client=self.peer, database=self.database,
+                                auth_method=identity.auth_method, client_id=identity.client_id,
+                                actors=list(identity.actors), client=self.peer, database=self.database,
                                 application_name=self._settings.get("application_name", ""),
                                 backend_pid=backend.pid, pool_mode="transaction" if transaction_mode else "session")
         log.info("session started", extra={"session": self.session_id, "user": self.user, "role": self.role,

@@ -17,6 +17,10 @@ _I16 = struct.Struct("!h")
 _HDR = struct.Struct("!cI")
 
 PROTOCOL_3_0 = 196608
+# The newest protocol minor version pgproxy speaks with clients: 3.2 (PostgreSQL 18) made
+# cancel keys variable-length (4 to 256 bytes); nothing else differs from 3.0.
+PROTOCOL_LATEST_MINOR = 2
+MIN_CANCEL_KEY, MAX_CANCEL_KEY = 4, 256  # bytes, as the 3.2 protocol allows
 SSL_REQUEST = 80877103
 GSSENC_REQUEST = 80877104
 CANCEL_REQUEST = 80877102
@@ -35,6 +39,7 @@ def cstr(text: str) -> bytes:
 
 AUTH_OK = message(b"R", _I32.pack(0))
 AUTH_CLEARTEXT_PASSWORD = message(b"R", _I32.pack(3))
+AUTH_SASL, AUTH_SASL_CONTINUE = 10, 11
 SSL_REFUSED = b"N"
 SSL_REQUEST_PACKET = struct.pack("!ii", 8, SSL_REQUEST)
 
@@ -67,14 +72,27 @@ def parameter_status(name: str, value: str) -> bytes:
     return message(b"S", cstr(name) + cstr(value))
 
 
-def backend_key_data(pid: int, secret: int) -> bytes:
-    return message(b"K", struct.pack("!iI", pid, secret))
+def backend_key_data(pid: int, secret: int | bytes) -> bytes:
+    """The client's cancel key: a 4-byte secret (protocol 3.0), or the raw key bytes (3.2)."""
+    key = struct.pack("!I", secret) if isinstance(secret, int) else secret
+    return message(b"K", _I32.pack(pid) + key)
 
 
 def negotiate_protocol_version(newest_minor: int, unknown_options: list[str]) -> bytes:
-    body = struct.pack("!ii", newest_minor, len(unknown_options))
+    """The newest 3.x version we speak, as PostgreSQL sends it: the full version number
+    (196608 + minor), not the bare minor — libpq reads a bare 2 as a "downgrade to pre-3.0"."""
+    body = struct.pack("!ii", PROTOCOL_3_0 + newest_minor, len(unknown_options))
     body += b"".join(cstr(o) for o in unknown_options)
     return message(b"v", body)
+
+
+def auth_sasl(mechanisms: list[str]) -> bytes:
+    """AuthenticationSASL: the mechanisms offered, each NUL-terminated, then an empty one."""
+    return message(b"R", _I32.pack(AUTH_SASL) + b"".join(cstr(m) for m in mechanisms) + b"\0")
+
+
+def auth_sasl_continue(data: bytes) -> bytes:
+    return message(b"R", _I32.pack(AUTH_SASL_CONTINUE) + data)
 
 
 # --- proxy -> server ----------------------------------------------------------------
@@ -194,6 +212,31 @@ def parse_startup_params(body: bytes) -> dict[str, str]:
         if key in params:
             raise protocol_violation(f'startup parameter "{key}" given twice')
         params[key] = value
+
+
+def parse_cancel_request(body: bytes) -> tuple[int, bytes]:
+    """(process id, key) of a CancelRequest body after its code: keys of 4 bytes (protocol
+    3.0) up to 256 bytes (3.2)."""
+    if not MIN_CANCEL_KEY + 4 <= len(body) <= MAX_CANCEL_KEY + 4:
+        raise protocol_violation("malformed cancel request")
+    return _I32.unpack_from(body)[0], bytes(body[4:])
+
+
+def parse_sasl_initial_response(body: bytes) -> tuple[str, bytes | None]:
+    """(mechanism, initial response or None when the client sent none) of a
+    SASLInitialResponse body; the data must fill the rest of the message exactly."""
+    reader = BodyReader(body)
+    mechanism = reader.cstr()
+    length = reader.int32()
+    if length == -1:
+        data = None
+    elif length < 0:
+        raise protocol_violation("negative SASL response length")
+    else:
+        data = reader.take(length)
+    if reader.pos != len(body):
+        raise protocol_violation("bytes after the SASL initial response")
+    return mechanism, data
 
 
 def parse_query(body: bytes) -> str:

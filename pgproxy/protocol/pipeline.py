@@ -33,7 +33,7 @@ what reaches the client:
 Pure: ``server(chunk, found)`` takes a chunk and the scanner's wanted messages with
 their end offsets, and returns the bytes for the client; events go to the owner
 (``statement_done``, ``ready``, ``switch_confirmed``, ``switch_failed``, ``unprepared``,
-``parameter``). Bytes of an entry that is not forwarded are held until the entry ends,
+``parameter``, ``described``). Bytes of an entry that is not forwarded are held until the entry ends,
 so a decision never splits a message; such entries are the proxy's own small replies.
 """
 
@@ -48,7 +48,7 @@ _ENDS = {PARSE: b"1", BIND: b"2", CLOSE: b"3", DESCRIBE: b"Tn", EXECUTE: b"CIs",
 _ENDS = {kind: frozenset(chars) for kind, chars in _ENDS.items()}
 _EXTENDED = frozenset({PARSE, BIND, CLOSE, DESCRIBE, EXECUTE})
 WANTED = b"CEZIsS123nTt"
-_sC, _sE, _sZ, _sI, _ss, _sS = (ord(c) for c in "CEZIsS")
+_sC, _sE, _sZ, _sI, _ss, _sS, _st = (ord(c) for c in "CEZIsSt")
 
 
 class Expected:
@@ -182,6 +182,9 @@ class Pipeline:
         if kind == _sC and entry_kind in (QUERY, SYNC):
             if head.statement is not None:
                 head.statement.tags.append(body)
+            return False
+        if kind == _st and entry_kind == DESCRIBE and head.payload is not None:
+            owner.described(head.payload, body)  # the statement's parameter types, for the audit
             return False
         if kind not in _ENDS[entry_kind]:
             return False

@@ -417,7 +417,7 @@ def test_a_proxy_sends_its_trail_to_syslog_and_postgresql(make_proxy, issuer, rs
         {"type": "syslog", "address": f"127.0.0.1:{rsyslog.tcp_port}", "instance": instance, "format": "ocsf"},
         {**audit_store, "instance": instance}])
     token = issuer.mint("alice", ["sales_emea"])
-    marker = f"SELECT count(*) AS {secrets.token_hex(4)}_n FROM orders"
+    marker = f"SELECT count(*) AS n_{secrets.token_hex(4)} FROM orders"
     done = subprocess.run(["psql", "-X", "-c", marker, proxy.dsn("alice")], capture_output=True, text=True,
                           env=proxy.env(token), timeout=30)
     assert done.returncode == 0, done.stderr

@@ -30,22 +30,22 @@ PROTOCOLS = ["simple", "extended"]
 
 
 @pytest.fixture(scope="module")
-def su(database):
-    superuser = Superuser(database)
+def su(database, tmp_path_factory):
+    superuser = Superuser(database, tmp_path_factory.mktemp("redteam"))
     yield superuser
     superuser.close()
 
 
-def _config(base_config: dict, mode: str, **backend) -> dict:
+def _config(base_config: dict, su: Superuser, mode: str, **backend) -> dict:
     # One backend connection: alice's and bob's sessions land on the same one. Every idle
     # connection is health-checked before reuse, so fresh_pool's terminations are noticed.
-    return merge(base_config, {"backend": {"pool_mode": mode, "pool_size": 1, "health_check_after_s": 0,
+    return merge(base_config, {"backend": {**su.backend, "pool_mode": mode, "pool_size": 1, "health_check_after_s": 0,
                                            "acquire_timeout_s": 5, **backend}})
 
 
 @pytest.fixture(scope="module", params=MODES)
 def target(request, base_config, su):
-    process = ProxyProcess(_config(base_config, request.param))
+    process = ProxyProcess(_config(base_config, su, request.param))
     process.mode = request.param
     yield process
     assert process.stop() == 0, process.log()[-3000:]
@@ -90,7 +90,8 @@ SQL_TEXT_FUNCTIONS = [
     ("ts_rewrite-where", "SELECT ts_rewrite('a'::tsquery, 'SELECT ''a''::tsquery, ''b''::tsquery "
                          "WHERE set_config(''pgproxy.user'', ''mallory'', false) IS NOT NULL')"),
     ("ts_rewrite-session-authorization", "SELECT ts_rewrite('a'::tsquery, 'SELECT ''a''::tsquery, ''b''::tsquery "
-                                         "FROM (SELECT set_config(''session_authorization'', ''other_role'', false)) s')"),
+                                         "FROM (SELECT set_config(''session_authorization'', ''other_role'', "
+                                         "false)) s')"),
     ("ts_rewrite-qualified-dollar", "SELECT pg_catalog.ts_rewrite('a'::tsquery, $q$SELECT 'a'::tsquery, "
                                     "set_config('role', 'other_role', false)::tsquery$q$)"),
     ("ts_rewrite-in-from", "SELECT * FROM ts_rewrite('a'::tsquery, 'SELECT ''a''::tsquery, "
@@ -158,7 +159,8 @@ SET_LIKE = [
     ("identity-session_id", "SELECT set_config('pgproxy.session_id', 'x', false)"),
     ("identity-the-switch-nonce", "SELECT set_config('pgproxy.switch', '1', false)"),
     ("identity-homoglyph", "SELECT set_config('pgрroxy.user', 'x', false), current_setting('pgproxy.user')"),
-    ("set_config-named-args", "SELECT set_config(setting_name => 'role', new_value => 'other_role', is_local => false)"),
+    ("set_config-named-args", "SELECT set_config(setting_name => 'role', new_value => 'other_role', "
+                              "is_local => false)"),
     ("set_config-named-args-reordered", "SELECT set_config(new_value => 'other_role', is_local => false, "
                                         "setting_name => 'role')"),
     ("set_config-collate", "SELECT set_config('role' COLLATE \"C\", 'other_role', false)"),
@@ -188,7 +190,8 @@ SET_LIKE = [
     ("set_config-in-insert", "INSERT INTO items VALUES (9700, set_config('role', 'other_role', false))"),
     ("set_config-in-update", "UPDATE items SET name = set_config('pgproxy.user', 'mallory', false) WHERE false"),
     ("set_config-in-delete", "DELETE FROM items WHERE set_config('role', 'other_role', false) IS NULL"),
-    ("set_config-in-returning", "INSERT INTO items VALUES (9701, 'x') RETURNING set_config('role', 'other_role', false)"),
+    ("set_config-in-returning", "INSERT INTO items VALUES (9701, 'x') "
+                                "RETURNING set_config('role', 'other_role', false)"),
     ("set_config-in-on-conflict", "INSERT INTO items VALUES (9702, 'x') ON CONFLICT (id) DO UPDATE "
                                   "SET name = set_config('role', 'other_role', false)"),
     ("set_config-in-merge", "MERGE INTO items USING (SELECT 1 AS id) s ON items.id = s.id WHEN MATCHED AND "
@@ -620,7 +623,7 @@ def test_statements_pipelined_after_a_reset_run_as_alice(target, issuer, fresh, 
 
 @pytest.fixture(scope="module", params=MODES)
 def read_only(request, base_config, su):
-    process = ProxyProcess(merge(_config(base_config, request.param),
+    process = ProxyProcess(merge(_config(base_config, su, request.param),
                                  {"policies": [{"role": "emea_analyst", "read_only": True}]}))
     process.mode = request.param
     yield process

@@ -8,6 +8,7 @@ Everything reports *what* leaked in words, so a failing test says which invarian
 
 from __future__ import annotations
 
+import secrets
 import socket
 import struct
 import time
@@ -15,9 +16,11 @@ import time
 from pgproxy.protocol import messages as msg
 from tests.support.wire import Wire
 
-POOL_ROLE = "pgproxy_pool"
-PEOPLE = {"alice": ("sales_emea", "emea_analyst"), "bob": ("sales_amer", "amer_analyst"),
-          "carol": ("sales_emea", "emea_analyst")}
+# The corpora's proxies log in as a pool role of their own (made like the demo's, with
+# other_role granted as to pgproxy_pool), so that ending "the pool's" backends between
+# attempts touches no other test's proxy.
+POOL_ROLE = "pgproxy_redteam"
+PEOPLE = {"alice": ("sales_emea", "emea_analyst"), "bob": ("sales_amer", "amer_analyst")}
 # What each analyst sees of the demo's orders through RLS on a fresh connection.
 ORDERS_SEEN = {"emea_analyst": "Bosch,Nokia,Siemens", "amer_analyst": "Target,Walmart"}
 
@@ -175,13 +178,6 @@ class Client:
     def value(self, sql: str | bytes):
         return self.rows(sql)[0][0]
 
-    def closed_by_server(self, timeout: float = 0.5) -> bool:
-        self.wire.sock.settimeout(timeout)
-        try:
-            return self.wire.closed_by_server()
-        finally:
-            self.wire.sock.settimeout(15)
-
     def close(self, abort: bool = False) -> None:
         """Leave without Terminate; ``abort``: with a RST (SO_LINGER 0), as a killed client."""
         if abort:
@@ -195,10 +191,12 @@ class Client:
 # --- what must hold after every attempt ----------------------------------------------------
 
 _SETTING = "coalesce(current_setting('{}', true), '<unset>')"
-# Who a session is: the roles, the identity settings RLS reads, and whether it is a superuser.
+_CHOSEN_BY_PROXY = ("pgproxy.auth_method", "pgproxy.subject", "pgproxy.session_id")
+# Who a session is: the roles, the identity settings RLS reads, whether it is a superuser,
+# and the identity settings whose values the proxy chooses.
 WHO = ("SELECT current_user, session_user, current_setting('role'), "
-       + ", ".join(_SETTING.format(name) for name in ("pgproxy.user", "pgproxy.groups")) + ", current_setting('is_superuser'), "
-       + ", ".join(_SETTING.format(name) for name in ("pgproxy.auth_method", "pgproxy.subject", "pgproxy.session_id")))
+       + ", ".join(_SETTING.format(name) for name in ("pgproxy.user", "pgproxy.groups"))
+       + ", current_setting('is_superuser'), " + ", ".join(_SETTING.format(name) for name in _CHOSEN_BY_PROXY))
 WHO_COLUMNS = 9
 # Values an attempt's own output must never contain: the role it tries to become, the
 # person it tries to be.
@@ -225,7 +223,7 @@ def who_leaks(row: tuple, user: str, role: str | None = None, baseline: tuple | 
     if superuser != "off":
         leaks.append("is_superuser is on")
     if baseline is not None:
-        for name, got, want in zip(("pgproxy.auth_method", "pgproxy.subject", "pgproxy.session_id"), row[6:], baseline[6:]):
+        for name, got, want in zip(_CHOSEN_BY_PROXY, row[6:], baseline[6:]):
             if got != want:
                 leaks.append(f"{name} is {got!r}, it was {want!r} at login")
     return leaks
@@ -330,9 +328,11 @@ def state_leaks(client: Client, user: str, role: str | None = None) -> list[str]
 FIXTURES = """
 CREATE SEQUENCE IF NOT EXISTS public.shared_seq;
 GRANT USAGE, SELECT, UPDATE ON SEQUENCE public.shared_seq TO emea_analyst, amer_analyst;
-CREATE OR REPLACE FUNCTION public.take_lock() RETURNS int LANGUAGE sql AS 'SELECT 1 FROM (SELECT pg_advisory_lock(42)) s';
+CREATE OR REPLACE FUNCTION public.take_lock() RETURNS int LANGUAGE sql
+    AS 'SELECT 1 FROM (SELECT pg_advisory_lock(42)) s';
 CREATE OR REPLACE FUNCTION public.listen_fn() RETURNS int LANGUAGE sql AS 'LISTEN alice_channel; SELECT 1';
-CREATE OR REPLACE FUNCTION public.prepare_fn() RETURNS int LANGUAGE sql AS 'PREPARE alice_fn_stmt AS SELECT 1; SELECT 1';
+CREATE OR REPLACE FUNCTION public.prepare_fn() RETURNS int LANGUAGE sql
+    AS 'PREPARE alice_fn_stmt AS SELECT 1; SELECT 1';
 CREATE OR REPLACE FUNCTION public.set_x() RETURNS text LANGUAGE sql AS $$SELECT set_config('myapp.x', 'alice', false)$$;
 CREATE OR REPLACE FUNCTION public.escape_write(i int) RETURNS int LANGUAGE sql
     AS 'INSERT INTO items VALUES (i, ''written past read-only'') RETURNING id';
@@ -342,12 +342,22 @@ GRANT EXECUTE ON FUNCTION public.take_lock(), public.listen_fn(), public.prepare
 
 
 class Superuser:
-    """A superuser connection to demo, outside the proxy: the truth about the database."""
+    """A superuser connection to demo, outside the proxy: the truth about the database.
+    Makes the corpora's objects and their pool role; ``backend`` is the [backend] part of a
+    configuration that logs in as that role (its password in a file under ``secrets``)."""
 
-    def __init__(self, database) -> None:
+    def __init__(self, database, secrets_dir) -> None:
         import psycopg
         self.conn = psycopg.connect(f"{database.superuser_dsn} dbname=demo", autocommit=True)
         self.conn.execute(FIXTURES)
+        password = secrets.token_urlsafe(12)
+        if not self.value("SELECT count(*) FROM pg_roles WHERE rolname = %s", POOL_ROLE):
+            self.conn.execute(f"CREATE ROLE {POOL_ROLE} LOGIN NOINHERIT")
+        self.conn.execute(f"ALTER ROLE {POOL_ROLE} PASSWORD '{password}'")
+        self.conn.execute(f"GRANT emea_analyst, amer_analyst, other_role TO {POOL_ROLE}")
+        path = secrets_dir / f"{POOL_ROLE}-password"
+        path.write_text(password + "\n")
+        self.backend = {"user": POOL_ROLE, "password_file": str(path)}
 
     def value(self, sql: str, *args):
         row = self.conn.execute(sql, args or None).fetchone()
@@ -359,7 +369,12 @@ class Superuser:
 
     def fresh_pool(self) -> None:
         """End every backend connection of the pool role, so the next attempt starts on a
-        new one (the proxies run with health_check_after_s = 0 and notice at once)."""
+        new one (the proxies run with health_check_after_s = 0 and notice at once). First
+        wait until they have all been idle a moment: one ended while the proxy resets it
+        for the pool is a different test (test_pool_isolation's backend-dies-as-it-leaves)."""
+        wait_until(lambda: not self.value(
+            "SELECT count(*) FROM pg_stat_activity WHERE usename = %s AND datname = 'demo' "
+            "AND (state <> 'idle' OR clock_timestamp() - state_change < interval '20 ms')", POOL_ROLE), 5, 0.01)
         pids = self.pool_backends()
         for pid in pids:
             self.conn.execute("SELECT pg_terminate_backend(%s)", (pid,))

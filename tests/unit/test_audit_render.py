@@ -10,13 +10,18 @@ from pgproxy.config import AuditSection
 SESSION = {"session": "s1", "user": "alice", "role": "r", "auth_method": "jwt"}
 
 
+CHAIN = ("writer", "seq", "prev")
+
+
 def _records(tmp_path, **cfg) -> list[dict]:
+    """The two records written, without the trail's own records and chain members."""
     log = AuditLog(AuditSection(file=str(tmp_path / "a.jsonl"), **cfg))
     log.statement(AuditLog.session_prefix(SESSION), "SELECT $1, $2, $3", [b"abc", struct.pack("!i", 7), None],
                   ([0, 1, 0], (25, 23, 25)), [b"SELECT 1\0"], 1.0, 0.002, "ok", None, 99)
     log.event("auth_failure", user="bob", reason="expired")
     log.close()  # flushes everything queued
-    return [json.loads(line) for line in (tmp_path / "a.jsonl").read_text().splitlines()]
+    records = [json.loads(line) for line in (tmp_path / "a.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in r.items() if k not in CHAIN} for r in records if not r["event"].startswith("audit_")]
 
 
 def test_statement_record_fields_and_flush_on_close(tmp_path):
