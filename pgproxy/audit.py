@@ -1,13 +1,14 @@
 """The audit trail: one JSON line per event, written off the hot path, fail-closed.
 
-Records are rendered to JSON on the event loop (about 3 µs for a statement) and queued
-as lines; a writer thread appends what is queued in one write every
-``flush_interval_ms``. Rendering stays on the loop on purpose: measured, a writer thread
-that renders holds the GIL while the loop wants it back after each send() — the GIL
-convoy — and cost 30 % of select-only throughput; a thread that only write()s releases
-the GIL in the syscall. The writer does one more thing per line, the hash chain
-(pgproxy/audit_chain.py: about 1.5 µs a line, it needs only the line), and hands the GIL
-back every 64 lines (``time.sleep(0)``) so the loop never waits for a whole batch.
+Records are rendered to JSON on the event loop (about 3 µs for a statement), chained
+(pgproxy/audit_chain.py: seq, prev = SHA-256 of the previous line; about 1.5 µs) and
+queued as final lines; a writer thread appends what is queued in one write every
+``flush_interval_ms``. All per-record work stays on the loop on purpose: measured, a
+writer thread that renders holds the GIL while the loop wants it back after each send()
+— the GIL convoy — and cost 30 % of select-only throughput; chaining on the writer cost
+5 µs per statement in a micro-benchmark where chaining on the loop costs 1.5. A thread
+that only write()s releases the GIL in the syscall. The chain state is shared with the
+writer's own records (seals, audit_gap) under a lock that the loop takes uncontended.
 
 Fail closed (``on_failure = "refuse"``): ``available`` is False while the last write (or
 fsync) failed, the queue holds more than ``queue_size`` records, or a sink with
@@ -15,27 +16,29 @@ fsync) failed, the queue holds more than ``queue_size`` records, or a sink with
 (58030) and counts them with ``note_refused``. The writer retries with backoff (10 ms
 doubling to 1 s, never spinning); once everything is written again it appends an
 ``audit_gap`` record: from when to when, why, how many statements and logins were refused
-and how many records dropped (only with ``on_failure = "continue"``). ``queue_size`` is a
-soft bound: records of statements that already ran are always queued (what is in flight
-bounds them), only new work is refused. A write that failed partway leaves a torn line;
-the retry starts on a new line (a newline first if the file does not end with one) and
-writes the torn record again whole, so ``audit verify`` reports the torn line and
-everything after it verifies.
+and how many records were dropped (only with ``on_failure = "continue"``, which drops
+past ``queue_size`` and drops what it cannot write). ``queue_size`` is a soft bound: records
+of statements that already ran are always queued (what is in flight bounds them), only
+new work is refused. A write that failed partway leaves a torn line; the retry starts on
+a new line (a newline first if the file does not end with one) and writes the torn
+record again whole, so ``audit verify`` reports the torn line and everything after it
+verifies.
 
-Durability: ``statement()`` and ``event()`` return a *ticket* (the count of records queued
-so far, not the record's ``seq``). ``when_durable(ticket, callback)`` runs ``callback`` on
-the event loop once that record and every one before it is written (and fsync'ed, unless
-``fsync = "never"`` with ``durability = "batch"``): one ``call_soon_threadsafe`` per batch
-for all callbacks due (group commit: one write and one fsync for everything queued).
-With ``durability = "before_result"`` a callback also wakes the writer at once.
+Durability: ``statement()`` and ``event()`` return the record's ``seq``.
+``when_durable(seq, callback)`` runs ``callback`` on the event loop once that record and
+every one before it is written (and fsync'ed, unless ``fsync = "never"`` with
+``durability = "batch"``): one ``call_soon_threadsafe`` per batch for all callbacks due
+(group commit: one write and one fsync for everything queued). A callback also wakes the
+writer at once, so ``durability = "before_result"`` does not wait for the interval.
 
 Files: ``reopen()`` (SIGHUP, SIGUSR1) starts a new file at the configured path when the
 open one was moved away; ``reconfigure()`` (SIGHUP) applies a new [audit] section, and a
 new ``file`` moves the trail (``audit_file_changed`` in both files). Built-in rotation
 (``rotate_size_mb``, ``rotate_interval_h``) renames the file to ``<file>.<UTC time>``
 under an flock, so several workers sharing the file rotate it once; the others notice the
-rename within a second and follow. Each writer closes its part of a file with a signed
-seal and opens the next with one (see audit_chain.py).
+rename within a second and follow. Each writer ends its part of a file with a signed
+closing seal and starts the next with an opening one, queued together so that nothing
+comes between them.
 
 Sinks (``Sink`` below) get every line as written to the file, once per batch, from the
 writer thread; the file stays the record of truth.
@@ -59,27 +62,29 @@ import os
 import secrets
 import socket
 import stat
-import struct
 import threading
 import time
-import uuid
 from collections import deque
 from datetime import datetime, timezone
 from typing import Callable, Protocol
 
 from pgproxy import __version__, logs
-from pgproxy.audit_chain import (ZERO_HASH, key_id, load_or_create_key, public_key_text, publish_public_key,
-                                 render_seal)
+from pgproxy.audit_chain import ZERO_HASH, key_id, load_or_create_key, public_key_text, publish_public_key, \
+    render_seal
 from pgproxy.config import AuditSection
+from pgproxy.protocol.binary_values import decode_binary  # also pgproxy.audit.decode_binary
 from pgproxy.protocol.messages import parse_command_tag
 
 log = logging.getLogger("pgproxy.audit")
 
 _BATCH = 4096            # lines per write at most
-_YIELD_EVERY = 64        # lines chained between two hand-overs of the GIL
 _BACKOFF_S = (0.01, 1.0)  # first retry after a failed write, doubling up to the second
 _FOLLOW_CHECK_S = 1.0    # built-in rotation: how often to look whether another worker rotated
 CLOSE_TIMEOUT_S = 10.0   # close(): how long to keep retrying a failing file before giving up
+try:  # OpenSSL's, without hashlib's dispatch: 0.2 µs of the 1.5 µs a record's link costs
+    from _hashlib import openssl_sha256 as _sha256
+except ImportError:
+    _sha256 = hashlib.sha256
 
 
 class Sink(Protocol):
@@ -100,6 +105,14 @@ class Sink(Protocol):
     def close(self) -> None: ...
 
 
+class _Switch:
+    """Queued right after a closing seal: the lines after it go to ``fd`` (``path``)."""
+    __slots__ = ("fd", "path")
+
+    def __init__(self, fd: int, path: str) -> None:
+        self.fd, self.path = fd, path
+
+
 class AuditLog:
     def __init__(self, cfg: AuditSection, sinks: list | None = None, worker: int | None = None,
                  signing_key=None) -> None:
@@ -107,11 +120,12 @@ class AuditLog:
         (audit_chain.AuditKeyError); ``worker``: this process's worker index (default: the
         one logs knows, 0 for a single process)."""
         self._cfg = cfg          # the loop's view (rendering, queue bound)
-        self.before_result = cfg.durability == "before_result"  # read by the relay per statement
         self._wcfg = cfg         # the writer's view (file, durability, rotation, checkpoints)
-        self._pending: deque[str] = deque()  # rendered lines; deque.append is atomic and never wakes the writer
-        self._enqueued = 0       # tickets handed out (loop)
-        self._dropped_loop = 0   # on_failure = continue: lines dropped past queue_size (loop)
+        self.before_result = cfg.durability == "before_result"  # read by the relay per statement
+        self._pending: deque = deque()  # final lines (and _Switch markers), in seq order
+        self._lock = threading.Lock()   # the chain: _seq, _prev, and appending in that order
+        self._seq = 0
+        self._prev = ZERO_HASH
         self._queue_full = False
         self.refused = {"statement": 0, "login": 0}  # note_refused, cumulative (loop)
         self.available = True
@@ -119,7 +133,7 @@ class AuditLog:
         self.records_written = 0
         self.write_errors = 0
         self.fsyncs = 0
-        self.dropped_records = 0  # lines the writer dropped (on_failure = continue)
+        self.dropped_records = 0  # on_failure = continue: records never written
         self._sinks = list(sinks or [])
         if signing_key is None:
             signing_key = (load_or_create_key(cfg.signing_key_file) if cfg.signing_key_file
@@ -129,18 +143,19 @@ class AuditLog:
         index = logs.worker_index if worker is None else worker
         self.worker = index or 0
         self.writer_id = f"{self.worker}.{secrets.token_hex(4)}"
+        self._link = f', "writer": "{self.writer_id}", "seq": '
         self._path = cfg.file
         self._fd = _open_trail(cfg.file)
+        if cfg.on_failure == "continue" and self.worker == 0:
+            log.warning("UNSAFE: audit.on_failure = continue: statements run even when their records cannot be "
+                        "written")
         self._publish_key(cfg.file)
+        self._append_record(self._open_seal("audit_open", "start", cfg.file))
         # --- writer-thread state ---
-        self._seq = 0
-        self._prev = ZERO_HASH
-        self._backlog: list = [self._open_seal("audit_open", "start")]  # items not yet written
-        self._committed_producers = 0
+        self._batch: list | None = None   # taken from the queue, not yet (wholly) written: [lines, switch]
+        self._written = 0                 # seq of the last line written
         self._since_seal = 0
-        self._sealed_at = time.monotonic()
-        self._opened_at = time.monotonic()
-        self._followed_at = time.monotonic()
+        self._sealed_at = self._opened_at = self._followed_at = time.monotonic()
         self._file_problem = ""
         self._check_line_end = True  # the file may end in a torn line (a crash, a failed write)
         self._fsync_owed = False
@@ -148,7 +163,8 @@ class AuditLog:
         self._gap: dict | None = None
         self._logged_reason = ""
         self._closing_sealed = False
-        self._durable = 0        # tickets whose records are written (and fsync'ed)
+        self._switches_queued = 0
+        self._durable = 0        # seq up to which records are written (and fsync'ed)
         # --- requests from the loop ---
         self._new_cfg: AuditSection | None = None
         self._reopen_requested = False
@@ -158,7 +174,7 @@ class AuditLog:
         self._control = threading.Event()  # stop, reopen or reconfigure: cuts a retry backoff short
         # --- durability callbacks (loop) ---
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._waiters: list = []  # heap of (ticket, n, callback)
+        self._waiters: list = []  # heap of (seq, n, callback)
         self._waiter_n = itertools.count()
         self._thread = threading.Thread(target=self._run, name="audit-writer", daemon=True)
         self._thread.start()
@@ -171,7 +187,7 @@ class AuditLog:
         return json.dumps(fields, ensure_ascii=False)[1:-1]
 
     def event(self, event: str, **fields) -> int:
-        """Queue a record; returns its ticket (see ``when_durable``)."""
+        """Queue a record; returns its seq (see ``when_durable``)."""
         return self._put(json.dumps({"ts": _iso(time.time()), **fields, "event": event}, ensure_ascii=False,
                                     default=str))
 
@@ -180,7 +196,7 @@ class AuditLog:
                   sqlstate: str | None, backend_pid: int | None, verdict=None) -> int:
         """``tags`` are raw CommandComplete bodies, as they came from the server;
         ``verdict``: the guard's classes and relations for the statement. Returns the
-        record's ticket (see ``when_durable``)."""
+        record's seq (see ``when_durable``)."""
         try:
             line = self._render_statement(started, session_prefix, text, params, param_info, tags,
                                           duration_s, outcome, sqlstate, backend_pid, verdict)
@@ -192,44 +208,46 @@ class AuditLog:
 
     def _put(self, line: str) -> int:
         pending = self._pending
-        pending.append(line)
-        self._enqueued += 1
-        if len(pending) > self._cfg.queue_size:
-            self._overflow()
-        return self._enqueued
+        if len(pending) > self._cfg.queue_size and self._overflow():
+            return self._seq
+        with self._lock:
+            seq = self._seq = self._seq + 1
+            line = f'{line[:-1]}{self._link}{seq}, "prev": "{self._prev}"}}'
+            self._prev = _sha256(line.encode()).hexdigest()
+            pending.append(line)
+        return seq
 
-    def _overflow(self) -> None:
-        """Past queue_size. Never waits: refuse mode turns the trail unavailable (new work is
-        refused; what already ran is still queued), continue mode drops the oldest line."""
+    def _overflow(self) -> bool:
+        """Past queue_size; True if the line is to be dropped. Never waits: refuse mode turns
+        the trail unavailable (new work is refused; what already ran is still queued),
+        continue mode drops the line (it never gets a seq: the chain stays whole)."""
         if self._cfg.on_failure == "continue":
-            try:
-                self._pending.popleft()
-                self._dropped_loop += 1
-            except IndexError:
-                pass
-        elif not self._queue_full:
+            self.dropped_records += 1
+            return True
+        if not self._queue_full:
             self._queue_full = True
             self.available = False
             self.unavailable_reason = f"audit queue full ({len(self._pending)} records waiting)"
+        return False
 
     def note_refused(self, kind: str) -> None:
         """Count a statement ("statement") or login ("login") refused while unavailable;
         the next audit_gap record reports them."""
         self.refused[kind] = self.refused.get(kind, 0) + 1
 
-    def durable(self, ticket: int) -> bool:
-        return ticket <= self._durable
+    def durable(self, seq: int) -> bool:
+        return seq <= self._durable
 
-    def when_durable(self, ticket: int, callback: Callable[[], None]) -> None:
-        """Run ``callback()`` on this event loop once record ``ticket`` and all before it are
+    def when_durable(self, seq: int, callback: Callable[[], None]) -> None:
+        """Run ``callback()`` on this event loop once record ``seq`` and all before it are
         written and fsync'ed — never synchronously, even if that is so already. While the
         trail fails the callback waits (fail closed); at close() unfired callbacks are dropped."""
         if self._loop is None:
             self._loop = asyncio.get_running_loop()
-        if ticket <= self._durable:
+        if seq <= self._durable:
             self._loop.call_soon(callback)
             return
-        heapq.heappush(self._waiters, (ticket, next(self._waiter_n), callback))
+        heapq.heappush(self._waiters, (seq, next(self._waiter_n), callback))
         self._wake.set()  # after the push: the writer then sees the waiter
 
     def _fire_durable(self) -> None:
@@ -267,11 +285,8 @@ class AuditLog:
 
     @property
     def depth(self) -> int:
-        return len(self._pending) + len(self._backlog)
-
-    @property
-    def durability(self) -> str:
-        return self._cfg.durability
+        batch = self._batch
+        return len(self._pending) + (len(batch[0]) if batch else 0)
 
     def statistics(self) -> dict:
         return {"records_written": self.records_written, "write_errors": self.write_errors, "fsyncs": self.fsyncs,
@@ -311,11 +326,11 @@ class AuditLog:
                 log.exception("audit writer failed; retrying")
                 self._file_problem = self._file_problem or "audit writer error"
                 self._backoff = _BACKOFF_S[1]
-            done = self._closing_sealed and not self._backlog and not self._fsync_owed
+            done = self._closing_sealed and not self._pending and self._batch is None and not self._fsync_owed
             if stopping and (done or time.monotonic() > self._stop_deadline):
                 break
-        if self._backlog:
-            lost = sum(1 for item in self._backlog if type(item) is str) + len(self._pending)
+        if not done:
+            lost = len(self._pending) + (len(self._batch[0]) if self._batch else 0)
             log.error("audit records could not be written before shutdown", extra={"lost": lost,
                                                                                    "reason": self._file_problem})
 
@@ -324,15 +339,14 @@ class AuditLog:
             self._after_failure()
             return
         self._apply_requests()
-        ok = self._flush(stopping)
+        ok = self._flush()
         self._update_health()
-        if ok and self._backlog:  # e.g. the audit_gap record just added
-            ok = self._flush(stopping)
+        if ok and self._pending:  # e.g. the audit_gap record just added
+            ok = self._flush()
         if ok and stopping and not self._closing_sealed:
             self._closing_sealed = True
-            self._take_pending()
-            self._backlog.append(self._seal("audit_close", "close", "shutdown"))
-            ok = self._flush(stopping)
+            self._append_record(self._seal("audit_close", "close", "shutdown"))
+            ok = self._flush()
         if not ok:
             self._after_failure()
         elif self._waiters and self._loop is not None and self._waiters[0][0] <= self._durable:
@@ -345,91 +359,73 @@ class AuditLog:
         self._backoff = min(max(self._backoff * 2, _BACKOFF_S[0]), _BACKOFF_S[1])
         self._update_health()
 
-    def _take_pending(self, limit: int | None = None) -> None:
-        pending, backlog = self._pending, self._backlog
-        n = len(pending) if limit is None else min(limit, len(pending))
-        for _ in range(n):
-            backlog.append(pending.popleft())
+    def _take(self) -> list | None:
+        """The next batch from the queue: up to _BATCH lines, ending early after a switch."""
+        pending, lines, switch = self._pending, [], None
+        while pending and len(lines) < _BATCH:
+            item = pending.popleft()
+            if type(item) is _Switch:
+                switch = item
+                break
+            lines.append(item)
+        return [lines, switch] if lines or switch else None
 
-    def _flush(self, stopping: bool = False) -> bool:
-        """Write the backlog and what is queued, in batches; False if a write failed."""
+    def _flush(self) -> bool:
+        """Write what is queued, in batches; False if a write failed (the batch is kept)."""
         cfg = self._wcfg
         while True:
-            if len(self._backlog) < _BATCH:
-                self._take_pending(_BATCH - len(self._backlog))
-            if not self._backlog:
-                if self._since_seal and time.monotonic() - self._sealed_at >= cfg.checkpoint_interval_s:
-                    self._backlog.append(self._seal("audit_checkpoint", "checkpoint", "interval"))
-                    continue
-                return self._sync()  # one fsync for everything this round wrote (group commit)
-            chunk = self._backlog[:_BATCH]
-            if not self._write_chunk(chunk):
+            if self._batch is None:
+                self._batch = self._take()
+                if self._batch is None:
+                    if self._since_seal and time.monotonic() - self._sealed_at >= cfg.checkpoint_interval_s:
+                        self._append_record(self._seal("audit_checkpoint", "checkpoint", "interval"))
+                        continue
+                    return self._sync()  # one fsync for everything this round wrote (group commit)
+            lines, switch = self._batch
+            if lines and not self._write_lines(lines):
+                if cfg.on_failure == "continue":  # give these up: the audit_gap record says how many
+                    self.dropped_records += len(lines)
+                    self._written += len(lines)
+                    self._check_durable()
+                    self._batch = None
+                    if switch is not None:
+                        self._switch_to(switch)
+                elif self._switches_queued:  # the trail moves on: what the old file refuses goes to the new one
+                    self._carry_over()
                 return False
-            if self._since_seal >= cfg.checkpoint_records and not (stopping and self._closing_sealed):
-                self._backlog.insert(0, self._seal("audit_checkpoint", "checkpoint", "records"))
+            self._batch = None
+            if switch is not None:
+                self._switch_to(switch)
+            elif self._since_seal >= cfg.checkpoint_records and not self._closing_sealed:
+                self._append_record(self._seal("audit_checkpoint", "checkpoint", "records"))
 
-    def _write_chunk(self, chunk: list) -> bool:
-        writer, seq, prev, sha = self.writer_id, self._seq, self._prev, hashlib.sha256
-        lines, encoded, hashes = [], [], []
-        for i, item in enumerate(chunk, 1):
-            seq += 1
-            if type(item) is str:
-                text = f'{item[:-1]}, "writer": "{writer}", "seq": {seq}, "prev": "{prev}"}}'
-            elif "seal" in item:
-                text = render_seal(item, writer, seq, prev, self._key, self._kid)
-            else:
-                text = json.dumps(item, ensure_ascii=False, default=str)[:-1] \
-                    + f', "writer": "{writer}", "seq": {seq}, "prev": "{prev}"}}'
-            data = text.encode()
-            prev = sha(data).hexdigest()
-            lines.append(text)
-            encoded.append(data)
-            hashes.append(prev)
-            if not i % _YIELD_EVERY:
-                time.sleep(0)  # hand the GIL to the loop (see the module header)
-        buffer = b"\n".join(encoded) + b"\n"
-        lead = b"\n" if self._check_line_end and not _ends_with_newline(self._fd) else b""
-        written, error = _write_all(self._fd, lead + buffer)
-        written = max(0, written - len(lead))
-        done, end = 0, 0
-        for data in encoded:
-            end += len(data) + 1
-            if end > written:
-                break
-            done += 1
+    def _write_lines(self, lines: list[str]) -> bool:
+        """Append ``lines`` (a torn retry starts on a new line); False if not all were written
+        (those that were are dropped from ``lines``)."""
+        lead = "\n" if self._check_line_end and not _ends_with_newline(self._fd) else ""
+        data = (lead + "\n".join(lines) + "\n").encode()  # one C call: no per-line work here
+        written, error = _write_all(self._fd, data)
+        # Lines hold no raw newline (JSON escapes it): each one in the written part ends a line.
+        done = len(lines) if error is None else data.count(b"\n", len(lead), written)
         if done:
-            self._commit(chunk[:done], lines[:done], hashes[done - 1])
+            self._committed(lines[:done])
+            del lines[:done]
         if error is None:
             self._recovered()
             return True
         self._write_failed(f"cannot write {self._path}: {error.strerror or error}", error)
-        if self._wcfg.on_failure == "continue":  # drop what did not fit: the chain stays whole
-            dropped = self._backlog[:len(chunk) - done]
-            del self._backlog[:len(chunk) - done]
-            self.dropped_records += sum(1 for item in dropped if type(item) is str)
-            self._check_durable()
         return False
 
-    def _commit(self, items: list, lines: list[str], last_hash: str) -> None:
-        del self._backlog[:len(items)]
-        self._seq += len(items)
-        self._prev = last_hash
-        self.records_written += len(items)
-        producers = 0
-        for item in items:
-            if type(item) is str:
-                producers += 1
-                self._since_seal += 1
-            elif "seal" in item:
-                self._since_seal = 0
-                self._sealed_at = time.monotonic()
-            else:
-                self._since_seal += 1
-        self._committed_producers += producers
-        if not self._fsync_wanted():
-            self._check_durable()
-        else:
+    def _committed(self, lines: list[str]) -> None:
+        self._written += len(lines)
+        self.records_written += len(lines)
+        self._since_seal += len(lines)
+        if ', "sig": "' in lines[-1]:  # only a seal has that member unescaped (see audit_chain)
+            self._since_seal, self._sealed_at = 0, time.monotonic()
+        if self._fsync_wanted():
             self._fsync_owed = True
+        else:
+            self._check_durable()
         for sink in self._sinks:
             try:
                 sink.submit(lines)
@@ -454,12 +450,12 @@ class AuditLog:
         return True
 
     def _check_durable(self) -> None:
-        self._durable = self._committed_producers + self.dropped_records + self._dropped_loop
+        self._durable = self._written
 
     def _begin_gap(self) -> None:
         if self._gap is None:
             self._gap = {"from": time.time(), "reasons": [], "refused": dict(self.refused),
-                         "dropped": self.dropped_records + self._dropped_loop}
+                         "dropped": self.dropped_records}
 
     def _write_failed(self, problem: str, error: OSError) -> None:
         self._begin_gap()  # before anything is dropped for this failure
@@ -493,21 +489,20 @@ class AuditLog:
                 problems.append((f"audit sink {sink.name} unhealthy", sink.on_failure == "refuse"))
         reason = "; ".join(text for text, _ in problems)
         refusing = any(r for _, r in problems)
-        dropped = self.dropped_records + self._dropped_loop
         if problems:
             self._begin_gap()
         if self._gap is not None:
             for text, _ in problems:
                 if text not in self._gap["reasons"] and len(self._gap["reasons"]) < 10:
                     self._gap["reasons"].append(text)
-            if not problems and not self._backlog:
+            if not problems and not self._pending and self._batch is None:
                 gap, self._gap = self._gap, None
-                self._backlog.append({
+                self._append_record({
                     "ts": _iso(time.time()), "event": "audit_gap", "from": _iso(gap["from"]), "to": _iso(time.time()),
                     "reason": "; ".join(gap["reasons"]),
                     "refused_statements": self.refused.get("statement", 0) - gap["refused"].get("statement", 0),
                     "refused_logins": self.refused.get("login", 0) - gap["refused"].get("login", 0),
-                    "dropped_records": dropped - gap["dropped"]})
+                    "dropped_records": self.dropped_records - gap["dropped"]})
         if reason != self._logged_reason:
             if reason:
                 log.error("audit trail unavailable: new statements and logins are refused" if refusing
@@ -530,25 +525,25 @@ class AuditLog:
         if self._reopen_requested:
             self._reopen_requested = False
             if not self._still_at_path():
-                self._switch_file(self._path, "audit_reopen", "signal")
+                self._switch_file(self._wcfg.file, "audit_reopen", "signal")
         self._rotate_if_due()
 
     def _still_at_path(self) -> bool:
         try:
-            now, ours = os.stat(self._path), os.fstat(self._fd)
+            now, ours = os.stat(self._wcfg.file), os.fstat(self._fd)
         except OSError:
             return False
         return (now.st_dev, now.st_ino) == (ours.st_dev, ours.st_ino)
 
     def _rotate_if_due(self) -> None:
         cfg = self._wcfg
-        if not (cfg.rotate_size_mb or cfg.rotate_interval_h):
+        if not (cfg.rotate_size_mb or cfg.rotate_interval_h) or self._switches_queued:
             return
         now = time.monotonic()
         if now - self._followed_at >= _FOLLOW_CHECK_S:  # another worker may have rotated it
             self._followed_at = now
             if not self._still_at_path():
-                self._switch_file(self._path, "audit_reopen", "rotate")
+                self._switch_file(cfg.file, "audit_reopen", "rotate")
                 return
         try:
             info = os.fstat(self._fd)
@@ -565,49 +560,87 @@ class AuditLog:
             fcntl.flock(self._fd, fcntl.LOCK_EX)  # one rotation among the workers sharing the file
             try:
                 if self._still_at_path():
-                    renamed = _rotated_name(self._path)
-                    os.rename(self._path, renamed)
+                    renamed = _rotated_name(cfg.file)
+                    os.rename(cfg.file, renamed)
             finally:
                 fcntl.flock(self._fd, fcntl.LOCK_UN)
         except OSError as exc:
-            log.error("cannot rotate the audit file", extra={"file": self._path, "reason": exc.strerror})
+            log.error("cannot rotate the audit file", extra={"file": cfg.file, "reason": exc.strerror})
             self._opened_at = now  # try again after another interval, not at every batch
             return
-        self._switch_file(self._path, "audit_reopen", "rotate", rotated_to=renamed)
+        self._switch_file(cfg.file, "audit_reopen", "rotate", rotated_to=renamed)
 
     def _switch_file(self, path: str, event: str, reason: str, moved_from: str = "", rotated_to: str = "") -> None:
-        """Seal this writer's part of the open file, open ``path``, and open a part there.
-        If ``path`` cannot be opened the old file stays in use."""
+        """Queue this writer's closing seal for the open file, the switch, and its opening
+        seal for ``path`` — together, so no line comes between them. If ``path`` cannot be
+        opened the old file stays in use."""
         try:
             fd = _open_trail(path)
         except OSError as exc:
             log.error("cannot open the audit file; still writing the old one",
                       extra={"file": path, "reason": exc.strerror})
             return
-        old_path = self._path
-        if self._flush():
-            close = {"to": path} if moved_from else {"renamed_to": rotated_to} if rotated_to else {}
-            self._backlog.append(self._seal(event if moved_from else "audit_close", "close", reason, **close))
-            self._flush()
-        # A part that could not be sealed (the old file fails) goes to the new file, re-chained.
-        os.close(self._fd)
-        self._fd, self._path = fd, path
-        self._opened_at = self._followed_at = time.monotonic()
-        self._check_line_end = True
         if moved_from:
             self._publish_key(path)
-        extra = {"from": moved_from} if moved_from else {"previous": rotated_to or old_path}
-        self._backlog.insert(0, self._open_seal(event, reason, **extra))
-        log.info("audit file opened", extra={"file": path, "reason": reason})
+        close = {"to": path} if moved_from else {"renamed_to": rotated_to} if rotated_to else {}
+        opening = {"from": moved_from} if moved_from else {"previous": rotated_to or self._path}
+        closing_seal = self._seal(event if moved_from else "audit_close", "close", reason, **close)
+        opening_seal = self._open_seal(event, reason, path, **opening)
+        with self._lock:
+            self._chain(closing_seal)
+            self._pending.append(_Switch(fd, path))
+            self._chain(opening_seal)
+        self._switches_queued += 1
         self._flush()
 
+    def _switch_to(self, switch: _Switch) -> None:
+        self._sync()  # the old file's last records, before its descriptor goes
+        self._fsync_owed = False
+        os.close(self._fd)
+        self._fd, self._path = switch.fd, switch.path
+        self._switches_queued -= 1
+        self._opened_at = self._followed_at = time.monotonic()
+        self._check_line_end = True
+        log.info("audit file opened", extra={"file": switch.path})
+
+    def _carry_over(self) -> None:
+        """The old file fails and the trail is to move: take every line queued before the
+        switch into this batch and move now. ``audit verify`` reports the old file's missing
+        closing seal and the new part's lines before its opening seal — as it should."""
+        lines, switch = self._batch
+        while switch is None:
+            more = self._take()
+            if more is None:
+                return
+            lines += more[0]
+            switch = more[1]
+        log.error("the old audit file cannot be written; its last records go to the new one",
+                  extra={"file": self._path, "records": len(lines), "new_file": switch.path})
+        self._batch = [lines, None]
+        self._switch_to(switch)
+
     # --- records the writer adds ------------------------------------------------------
+
+    def _append_record(self, fields: dict) -> None:
+        with self._lock:
+            self._chain(fields)
+
+    def _chain(self, fields: dict) -> None:
+        """Queue a record of the writer's own (the lock held): a seal is signed."""
+        seq = self._seq = self._seq + 1
+        if "seal" in fields:
+            line = render_seal(fields, self.writer_id, seq, self._prev, self._key, self._kid)
+        else:
+            line = json.dumps(fields, ensure_ascii=False, default=str)[:-1] \
+                + f', "writer": "{self.writer_id}", "seq": {seq}, "prev": "{self._prev}"}}'
+        self._prev = _sha256(line.encode()).hexdigest()
+        self._pending.append(line)
 
     def _seal(self, event: str, seal: str, reason: str, **extra) -> dict:
         return {"ts": _iso(time.time()), "event": event, "seal": seal, "reason": reason, **extra}
 
-    def _open_seal(self, event: str, reason: str, **extra) -> dict:
-        return self._seal(event, "open", reason, file=self._path, **extra, pid=os.getpid(),
+    def _open_seal(self, event: str, reason: str, path: str, **extra) -> dict:
+        return self._seal(event, "open", reason, file=path, **extra, pid=os.getpid(),
                           host=socket.gethostname(), worker=self.worker, version=__version__,
                           public_key=public_key_text(self._key.public_key()))
 
@@ -710,30 +743,6 @@ def _rotated_name(path: str) -> str:
         n += 1
         name = f"{base}-{n}"
     return name
-
-
-_BINARY_NUMBERS = {21: "!h", 23: "!i", 20: "!q", 26: "!I", 700: "!f", 701: "!d"}
-_BINARY_TEXT = {25, 1043, 19, 705, 114, 1042}
-
-
-def decode_binary(oid: int, value: bytes) -> str | None:
-    """Readable text for a binary-format parameter of a common type, else None."""
-    try:
-        if oid in _BINARY_NUMBERS:
-            return str(struct.unpack(_BINARY_NUMBERS[oid], value)[0])
-        if oid == 16 and len(value) == 1:
-            return "true" if value[0] else "false"
-        if oid in _BINARY_TEXT:
-            return value.decode("utf-8", "replace")
-        if oid == 3802 and value[:1] == b"\x01":  # jsonb: version byte, then text
-            return value[1:].decode("utf-8", "replace")
-        if oid == 2950 and len(value) == 16:
-            return str(uuid.UUID(bytes=value))
-        if oid == 17:
-            return "\\x" + value.hex()
-    except (struct.error, ValueError):
-        return None
-    return None
 
 
 _json_str = json.encoder.py_encode_basestring if json.encoder.c_encode_basestring is None \

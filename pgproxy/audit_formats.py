@@ -127,7 +127,8 @@ _DATASTORE_ACTIVITIES = {0: "Unknown", 1: "Read", 2: "Update", 3: "Connect", 4: 
 _BY_COMMAND = {"SELECT": 4, "FETCH": 4, "SHOW": 4, "TABLE": 4, "VALUES": 4, "WITH": 4, "INSERT": 5, "UPDATE": 2,
                "MERGE": 2, "DELETE": 7, "TRUNCATE": 7, "DROP": 7, "CREATE": 6}
 _SEVERITY = {INFORMATIONAL: (1, "Informational"), LOW: (2, "Low"), MEDIUM: (3, "Medium")}
-_AUTH_PROTOCOLS = {"ldap": (12, "LDAP"), "jwt": (99, "JWT"), "service": (99, "pgproxy service account")}
+_AUTH_PROTOCOLS = {"ldap": (12, "LDAP"), "jwt": (99, "JWT"), "service": (99, "pgproxy service account"),
+                   "oauthbearer": (99, "OAUTHBEARER (SASL, RFC 7628)")}
 _ACTIVITY_NAMES = {"pin": "Pin session", "denied": "Denied"}
 
 

@@ -34,20 +34,17 @@ from pgproxy.audit_chain import ZERO_HASH, key_id, line_hash, public_from_text, 
 _RECORD_START = b'{"ts": "'
 
 
-@dataclass
 class Record:
-    file: int           # index into the files given
-    line: int           # 1-based line number
-    raw: bytes
-    hash: str
-    obj: dict
-    writer: str
-    seq: int
-    prev: str
+    """One chained line; only a seal keeps its bytes and fields (memory: a few hundred
+    bytes per record, whatever its length)."""
+    __slots__ = ("file", "line", "hash", "writer", "seq", "prev", "seal", "raw", "obj")
 
-    @property
-    def seal(self) -> str | None:
-        return self.obj.get("seal")
+    def __init__(self, file: int, line: int, raw: bytes, obj: dict, writer: str, seq: int, prev: str) -> None:
+        self.file, self.line, self.hash = file, line, line_hash(raw)
+        self.writer, self.seq, self.prev = writer, seq, prev
+        seal = obj.get("seal")
+        self.seal = seal if isinstance(seal, str) else None
+        self.raw, self.obj = (raw, obj) if self.seal else (None, None)
 
 
 @dataclass
@@ -128,24 +125,30 @@ def _open(path: str):
 
 
 def _read(index: int, path: str, report: Report, chains: dict[str, list[Record]]) -> None:
+    held: tuple[int, bytes] | None = None  # a line that is not JSON, until the next one is known
+    number = 0
     with _open(path) as fh:
-        data = fh.read()
-    lines = data.split(b"\n")
-    if lines and lines[-1] == b"":
-        lines.pop()
-    for number, raw in enumerate(lines, 1):
-        if not raw.strip():
-            continue
-        rec = _parse(index, number, raw)
-        if rec is None:
-            rec = _torn(index, number, raw, lines, report)
-            if rec is None:
+        for number, raw in enumerate(fh, 1):
+            raw = raw.rstrip(b"\n")
+            if held is not None:
+                _damaged(index, *held, raw, report, chains)
+                held = None
+            if not raw.strip():
                 continue
-        if not isinstance(rec, Record):
-            report.problem(index, number, rec)
-            continue
-        report.records += 1
-        chains.setdefault(rec.writer, []).append(rec)
+            rec = _parse(index, number, raw)
+            if rec is None:
+                held = (number, raw)
+            elif isinstance(rec, Record):
+                _add(rec, report, chains)
+            else:
+                report.problem(index, number, rec)
+    if held is not None:
+        _damaged(index, *held, b"", report, chains)
+
+
+def _add(rec: Record, report: Report, chains: dict[str, list[Record]]) -> None:
+    report.records += 1
+    chains.setdefault(rec.writer, []).append(rec)
 
 
 def _parse(index: int, number: int, raw: bytes) -> Record | str | None:
@@ -158,27 +161,27 @@ def _parse(index: int, number: int, raw: bytes) -> Record | str | None:
     writer, seq, prev = obj.get("writer"), obj.get("seq"), obj.get("prev")
     if not isinstance(writer, str) or type(seq) is not int or not isinstance(prev, str):
         return "a record outside any chain: inserted, or written by a pgproxy without the chain"
-    return Record(index, number, raw, line_hash(raw), obj, writer, seq, prev)
+    return Record(index, number, raw, obj, writer, seq, prev)
 
 
-def _torn(index: int, number: int, raw: bytes, lines: list[bytes], report: Report) -> Record | None:
+def _damaged(index: int, number: int, raw: bytes, following: bytes, report: Report,
+             chains: dict[str, list[Record]]) -> None:
     """A line that is not JSON. A write that failed partway leaves a piece of a record the
     writer wrote again whole on the next line; another writer's record may follow the
     piece on the same line (two workers share the file) — that one is recovered."""
-    following = lines[number] if number < len(lines) else b""
     if following.startswith(raw) and raw.startswith(_RECORD_START):
         report.problem(index, number, "torn line: a write that failed partway (the record follows whole on "
                                       "the next line)")
-        return None
+        return
     start = raw.rfind(_RECORD_START)
     if start > 0:
         rec = _parse(index, number, raw[start:])
         if isinstance(rec, Record):
             report.problem(index, number, f"torn line: {start} bytes of a record cut off (a write that failed "
                                           "partway), joined to the next record")
-            return rec
+            _add(rec, report, chains)
+            return
     report.problem(index, number, "not a JSON record (damaged, or cut off)")
-    return None
 
 
 def _check_chain(writer: str, records: list[Record], trusted: dict, last_file: int, alive, report: Report) -> None:
@@ -272,7 +275,7 @@ def _check_chain(writer: str, records: list[Record], trusted: dict, last_file: i
         if tail.seal == "close":
             continue
         opened = next((r for r in reversed(part) if r.seal == "open"), head)
-        host, pid = opened.obj.get("host"), opened.obj.get("pid")
+        host, pid = (opened.obj or {}).get("host"), (opened.obj or {}).get("pid")
         sealed = next((r for r in reversed(part) if r.seal and id(r) in valid_seals), None)
         after = f" after seq {sealed.seq} ({where(sealed.file, sealed.line)})" if sealed else ""
         unsealed = sum(1 for r in part if sealed is None or r.seq > sealed.seq)

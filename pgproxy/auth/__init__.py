@@ -22,7 +22,7 @@ class Identity:
     subject: str             # the IdP's stable subject ('sub'), or the DN for a directory
     issuer: str
     groups: tuple[str, ...]
-    auth_method: str         # "jwt", "ldap" or "service"
+    auth_method: str         # "jwt", "oauthbearer", "ldap" or "service"
     expires_at: float | None = None
     role: str = ""           # a service account's own role; others are mapped by [[roles]]
     # Who acts, for the audit (a person, or an agent on a person's behalf): the OAuth client

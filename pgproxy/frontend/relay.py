@@ -74,7 +74,7 @@ class Relay:
     __slots__ = ("pooled", "policy", "session", "pool", "key", "person", "role", "backend", "pipeline", "scanner",
                  "statements", "portals", "unnamed", "unnamed_gen", "pinned", "waiting", "switch_pending",
                  "acquiring", "txn_status", "refuse_state", "prepared_limit", "idle_since", "skipping",
-                 "past_guard", "attaching", "sync_owed", "signer", "changes_due", "local_sync", "described_types")
+                 "past_guard", "attaching", "sync_owed", "signer", "changes_due", "local_sync", "described_types", "audit", "durable_due", "held")
 
     def __init__(self, session, pool, role: str, person: tuple, settings: dict[str, str], cfg,
                  pooled: bool, policy=None, signer=None) -> None:
@@ -112,6 +112,11 @@ class Relay:
         # client's Sync, which it answers. Messages up to that Sync are dropped, as PostgreSQL would.
         self.local_sync: Expected | None = None
         self.described_types: dict[str, tuple] | None = None  # statement -> parameter types the server described
+        self.audit = session.server.audit
+        # audit.durability = "before_result": the seq of the last statement record, and the
+        # replies held for the client until that record is on disk.
+        self.durable_due = 0
+        self.held: list[bytes] | None = None
 
     @property
     def active(self) -> bool:
@@ -228,6 +233,9 @@ class Relay:
             if self.switch_pending and kind in (_Q, _F, _S):
                 self.past_guard = True  # the guard covers messages up to this one
             if kind == _Q:
+                if not self.audit.available:
+                    self._audit_unavailable(QUERY, out)
+                    continue
                 self._query(raw, out)
             elif kind == _P:
                 self.sync_owed = True
@@ -237,6 +245,9 @@ class Relay:
                 self._bind(raw, out)
             elif kind == _E:
                 self.sync_owed = True
+                if not self.audit.available:
+                    self._audit_unavailable(EXECUTE, out)
+                    continue
                 self._execute(raw, out, frames[i + 1][0] if i + 1 < len(frames) else None)
             elif kind == _S:
                 self.skipping = self.sync_owed = False
@@ -354,6 +365,13 @@ class Relay:
             self.pipeline.expect(Expected(PARSE, REPLACE, statement=statement, payload=error))
             self.skipping = self.sync_owed = True
         self.backend.unnamed_owner = None
+
+    def _audit_unavailable(self, kind: int, out: list[bytes]) -> None:
+        """Nothing runs that the trail cannot record (invariant 4): refused like any statement,
+        counted for the audit_gap record written once the trail is back."""
+        self.audit.note_refused("statement")
+        self._answer_error("audit trail unavailable: statements are refused until it can be written again",
+                           "58030", kind, out)
 
     def _refused_effects(self, effects, kind: int, text: str, out: list[bytes]) -> bool:
         """Refuse what no role may do to the session's identity machinery; True if refused."""
@@ -632,9 +650,30 @@ class Relay:
             self._release()
 
     def _deliver(self, pieces: list[bytes]) -> None:
+        if self.held is not None:  # earlier replies wait for the trail: these go after them
+            self.held += pieces
+            return
+        if self.durable_due and pieces:
+            if not self.audit.durable(self.durable_due):
+                # durability = "before_result": a result the client sees has its record on disk.
+                self.held = list(pieces)
+                self.audit.when_durable(self.durable_due, self._release_held)
+                return
+            self.durable_due = 0
         transport = self.session.transport
         if pieces and transport is not None and not transport.is_closing():
             transport.write(pieces[0] if len(pieces) == 1 else b"".join(pieces))
+
+    def _release_held(self) -> None:
+        held, self.held = self.held, None
+        if held is None:
+            return
+        if self.durable_due and not self.audit.durable(self.durable_due):
+            self.held = held  # records of later statements came meanwhile
+            self.audit.when_durable(self.durable_due, self._release_held)
+            return
+        self.durable_due = 0
+        self._deliver(held)
 
     def hold(self, backend) -> None:
         """Session pooling: the connection (switched to this client at login) is its own

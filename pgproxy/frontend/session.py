@@ -481,6 +481,10 @@ class ClientSession(asyncio.Protocol):
 
     async def _take_backend(self) -> None:
         server = self.server
+        if not server.audit.available:  # no session the trail cannot record (invariant 4)
+            server.audit.note_refused("login")
+            raise ProxyFailure("audit trail unavailable", sqlstate="58030", severity="FATAL",
+                               log_detail=f"login refused: {server.audit.unavailable_reason}")
         pool = server.pool_for(self.database, self.role)
         transaction_mode = server.pool_mode_for(self.database, self.role) == "transaction"
         backend = await pool.acquire()
@@ -609,8 +613,11 @@ class ClientSession(asyncio.Protocol):
     def audit_statement(self, st: _Statement, outcome: str, backend=None) -> None:
         backend = backend or self.backend
         seconds = time.perf_counter() - st.t0
-        self.server.audit.statement(self.audit_prefix, st.text, st.params, st.formats, st.tags, st.started,
-                                    seconds, outcome, st.sqlstate, backend.pid if backend else None, st.verdict)
+        audit = self.server.audit
+        seq = audit.statement(self.audit_prefix, st.text, st.params, st.formats, st.tags, st.started,
+                              seconds, outcome, st.sqlstate, backend.pid if backend else None, st.verdict)
+        if audit.before_result and self.relay is not None:
+            self.relay.durable_due = seq  # its result reaches the client once this is on disk
         self.server.metrics.statement(st.text, seconds, outcome, st.verdict)
 
     def server_lost(self, reason: str) -> None:

@@ -7,8 +7,8 @@ guard refuses, wherever they appear in a statement (select list, FROM, WHERE,
 subqueries, CTEs, defaults, PREPARE, EXPLAIN, COPY's query):
 
 * ``SET``/``RESET`` of ``role`` or ``session_authorization`` (``SET ROLE``, ``SET
-  SESSION AUTHORIZATION``, ``RESET ROLE``, ``ALTER SYSTEM``), in any spelling the parser
-  accepts, and writing a setting in the identity namespace (``pgproxy.*``);
+  SESSION AUTHORIZATION``, ``RESET ROLE``), in any spelling the parser accepts, writing a
+  setting in the identity namespace (``pgproxy.*``), and ``ALTER SYSTEM``;
 * ``set_config`` (and ``UPDATE pg_settings``) with one of those names, or with a name it
   cannot know: a name is known when it is a constant, or when it is the ``name`` column
   of ``pg_settings`` filtered by ``name = 'constant'`` / ``name IN (...)`` — what pg_dump
@@ -285,8 +285,10 @@ class _Walk:
             self.code = self.code or _code_name(kind, body)
         elif kind == "CopyStmt" and (body.get("filename") or body.get("is_program")):
             self.code = self.code or "COPY to or from a server file or program"
-        elif kind in ("AlterRoleSetStmt", "AlterDatabaseSetStmt", "AlterSystemStmt"):
+        elif kind in ("AlterRoleSetStmt", "AlterDatabaseSetStmt"):
             self._set(body.get("setstmt") or {})
+        elif kind == "AlterSystemStmt":
+            self.refuse("ALTER SYSTEM is not allowed: it changes the server's configuration for every session")
         elif kind == "RenameStmt" and body.get("newname") == "pg_settings":
             self.refuse("pgproxy does not allow naming a relation pg_settings: it would shadow PostgreSQL's")
         if kind in _WRITE_NODES:

@@ -112,7 +112,7 @@ def test_refuse_mode_answers_0A000_and_the_session_carries_on(make_proxy, issuer
         with pytest.raises(psycopg.errors.FeatureNotSupported, match="outlives the transaction"):
             alice.execute("CREATE TEMP TABLE scratch (x int)")
         with pytest.raises(psycopg.errors.FeatureNotSupported):
-            alice.execute("SELECT set_config('search_path', %s, false)", ("public",))  # extended protocol
+            alice.execute("SELECT set_config('myapp.tenant', %s, false)", ("emea",))  # extended protocol
         assert alice.execute("SELECT current_setting('pgproxy.user')").fetchone() == ("alice",)
         with alice.transaction():
             alice.execute("SET LOCAL statement_timeout = '5s'")  # transaction-scoped: allowed

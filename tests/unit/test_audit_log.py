@@ -137,7 +137,9 @@ def test_continue_mode_stays_available_and_counts_what_it_dropped(tmp_path):
     assert texts(path) == ["kept", "after"]
     gap = [r for r in records(path) if r["event"] == "audit_gap"][0]
     assert gap["dropped_records"] == 1
-    assert verify([str(path)]).problems == []  # dropped lines never got a seq: the chain is whole
+    # What was dropped is missing from the chain, and verify says so, at its place.
+    found = [text for _, _, text in verify([str(path)]).problems]
+    assert len(found) == 1 and "1 record of writer" in found[0] and "missing" in found[0]
 
 
 TORN_WRITER = textwrap.dedent("""
@@ -190,7 +192,6 @@ def test_when_durable_runs_once_the_records_are_written_and_fsynced_one_batch_fo
     fired = []
 
     async def main():
-        await asyncio.sleep(0.05)  # the open seal
         syncs = log.fsyncs
         done = asyncio.Event()
         tickets = [statement(log, f"SELECT {i}") for i in range(100)]
@@ -198,14 +199,14 @@ def test_when_durable_runs_once_the_records_are_written_and_fsynced_one_batch_fo
             log.when_durable(ticket, lambda t=ticket: (fired.append((t, log.fsyncs, texts(path))),
                                                       len(fired) == 100 and done.set()))
         await asyncio.wait_for(done.wait(), 2)  # long before flush_interval_ms: the callbacks woke it
-        return syncs
+        return syncs, tickets
 
-    syncs_before = asyncio.run(main())
+    syncs_before, tickets = asyncio.run(main())
     log.close()
-    assert [t for t, _, _ in fired] == list(range(1, 101))
-    ticket, syncs, seen = fired[-1]
-    assert f"SELECT {ticket - 1}" in seen  # the record was in the file when its callback ran
-    assert syncs - syncs_before <= 3  # group commit: not one fsync per record
+    assert tickets == list(range(2, 102))  # the records' seq (the open seal is seq 1)
+    assert [t for t, _, _ in fired] == tickets
+    assert all("SELECT 99" in seen for _, _, seen in fired)  # every record was in the file before any callback
+    assert log.fsyncs - syncs_before <= 3  # group commit: not one fsync per record (the open seal's, ours, close)
 
 
 DURABLE_WRITER = textwrap.dedent("""
@@ -345,3 +346,24 @@ def test_a_signing_key_file_is_created_private_and_reused(tmp_path):
     from pgproxy.audit_chain import AuditKeyError
     with pytest.raises(AuditKeyError, match="chmod 600"):
         AuditLog(cfg)
+
+
+def test_two_writers_rotating_the_same_file_rotate_it_once_and_lose_nothing(tmp_path):
+    path = tmp_path / "audit.jsonl"
+    cfg = AuditSection(file=str(path), flush_interval_ms=5, rotate_size_mb=0.004)
+    a, b = AuditLog(cfg, worker=0), AuditLog(cfg, worker=1)
+    for i in range(120):
+        statement(a if i % 2 else b, f"SELECT {i}")
+        if i % 20 == 19:
+            time.sleep(0.05)
+    time.sleep(1.2)  # the follower notices a rotation within a second
+    statement(a, "last a")
+    statement(b, "last b")
+    a.close()
+    b.close()
+    rotated = sorted(p for p in tmp_path.glob("audit.jsonl.*") if not p.name.endswith(".pub"))
+    assert rotated
+    files = [str(p) for p in rotated] + [str(path)]
+    assert sorted(texts(*files)) == sorted([f"SELECT {i}" for i in range(120)] + ["last a", "last b"])
+    report = verify(files)
+    assert report.problems == [] and report.writers == 2

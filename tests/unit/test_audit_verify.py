@@ -181,9 +181,11 @@ def test_files_are_read_in_order_and_gzip_is_accepted(trail, tmp_path):
         fh.write(b"".join(line + b"\n" for line in rows[:cut]))
     write(second, rows[cut:])
     # Cut in the middle of a writer's part: the seals say where each part starts and ends.
-    found = problems(first, second)
-    assert [line for line, _ in found] == [cut, 1]
-    assert "ends without its closing seal" in found[0][1] and "does not start with its open seal" in found[1][1]
+    report = verify([str(first), str(second)])
+    found = sorted((file, line, text) for file, line, text in report.problems)
+    assert [(file, line) for file, line, _ in found] == [(0, cut), (1, 1)]
+    assert "ends without its closing seal" in found[0][2] and "does not start with its open seal" in found[1][2]
+    assert report.records == len(rows)
 
 
 def test_a_running_writer_s_unsealed_tail_is_a_note_not_a_problem(tmp_path):
