@@ -152,7 +152,7 @@ async def serve_until_signalled(cfg, on_ready=None, worker: tuple[int, int] = (0
     from pgproxy.supervisor import StartupError
     try:
         server = ProxyServer(cfg, worker_index=worker[0], group=worker[1])
-    except (OSError, AuditKeyError) as exc:  # e.g. the audit file, if it changed since check_startup
+    except (OSError, AuditKeyError, ConfigError) as exc:  # the audit file, a sink's secrets or TLS files
         raise StartupError(f"cannot start: {exc}") from None
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -257,8 +257,9 @@ class AuditSection:
                                       "statement's result reaches the client only once its record is written "
                                       "and fsync'ed")
     flush_interval_ms: int = option(20, "durability = batch: the writer appends what is queued this often")
-    fsync: str = option("batch", "durability = batch: fsync after each write (batch) or leave it to the "
-                                 "kernel (never); before_result always fsyncs")
+    fsync: str = option("never", "durability = batch: leave flushing to the kernel (never: a killed pgproxy "
+                                 "loses nothing written, a crashed machine up to the kernel's writeback) or "
+                                 "fsync after each write (batch, measured slower); before_result always fsyncs")
     rotate_size_mb: float = option(0.0, "rename the file to <file>.<UTC time> and start a new one past this "
                                         "size; 0: never (use logrotate and SIGUSR1)")
     rotate_interval_h: float = option(0.0, "rotate the file this often (hours); 0: never")

@@ -29,6 +29,7 @@ import time
 from pgproxy import control
 from pgproxy.policy.guard import READ_ONLY_SETTINGS, RolePolicy
 from pgproxy.audit import AuditLog
+from pgproxy.audit_sinks import build_sinks
 from pgproxy.auth.jwt import JwtAuthenticator, looks_like_jwt
 from pgproxy.backend.connection import open_connection, send_cancel
 from pgproxy.backend.pool import Pool
@@ -108,7 +109,7 @@ class ProxyServer:
         self.worker_index = worker_index
         self.group = group  # the supervisor's pid; 0 when this is the only process
         self._cancel_inbox: socket.socket | None = None
-        self.audit = AuditLog(cfg.audit)
+        self.audit = AuditLog(cfg.audit, sinks=build_sinks(cfg))  # each worker its own sink connections
         self.metrics = Metrics()
         self.jwt = self.ldap = self.service_accounts = None
         self._set_authenticators(cfg)
