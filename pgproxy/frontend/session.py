@@ -424,15 +424,8 @@ class ClientSession(asyncio.Protocol):
             self._sasl.accepted()
             self.identity = dataclasses.replace(self.identity, auth_method=oauth.AUTH_METHOD)
             await self._take_backend()
-        except PgProxyError as exc:
-            if exc.sqlstate in ("28P01", "28000"):  # e.g. the mapped role cannot be become
-                self.server.audit.event("auth_failure", session=self.session_id, user=self.user,
-                                        database=self.database, client=self.peer, reason=exc.log_detail,
-                                        auth_method=oauth.AUTH_METHOD)
-            self._fail(exc)
-        except Exception as exc:  # a bug must cost one session, never the proxy
-            log.exception("login failed unexpectedly", extra={"session": self.session_id})
-            self._fail(ProxyFailure("internal error", sqlstate="XX000", severity="FATAL", log_detail=repr(exc)))
+        except Exception as exc:  # e.g. the mapped role cannot be become
+            self._login_failed(exc, {"auth_method": oauth.AUTH_METHOD})
         finally:
             self._login_task = None
 
@@ -458,16 +451,20 @@ class ClientSession(asyncio.Protocol):
             await self._authenticate(secret)
             del secret
             await self._take_backend()
-        except PgProxyError as exc:
-            if exc.sqlstate in ("28P01", "28000"):
-                self.server.audit.event("auth_failure", session=self.session_id, user=self.user,
-                                        database=self.database, client=self.peer, reason=exc.log_detail)
-            self._fail(exc)
-        except Exception as exc:  # a bug must cost one session, never the proxy
-            log.exception("login failed unexpectedly", extra={"session": self.session_id})
-            self._fail(ProxyFailure("internal error", sqlstate="XX000", severity="FATAL", log_detail=repr(exc)))
+        except Exception as exc:
+            self._login_failed(exc, {})
         finally:
             self._login_task = None
+
+    def _login_failed(self, exc: Exception, extra: dict) -> None:
+        """Either login path's end on an error: refusals audited, a bug costs this session only."""
+        if not isinstance(exc, PgProxyError):
+            log.exception("login failed unexpectedly", extra={"session": self.session_id}, exc_info=exc)
+            exc = ProxyFailure("internal error", sqlstate="XX000", severity="FATAL", log_detail=repr(exc))
+        elif exc.sqlstate in ("28P01", "28000"):
+            self.server.audit.event("auth_failure", session=self.session_id, user=self.user, database=self.database,
+                                    client=self.peer, reason=exc.log_detail, **extra)
+        self._fail(exc)
 
     async def _authenticate(self, secret: str) -> None:
         identity = await self.server.authenticate(self.user, secret, self.database)
