@@ -24,38 +24,10 @@ from pgproxy.protocol import messages as msg
 from tests.support.attacks import (FLUSH, SYNC, Client, Superuser, bind, data_rows, describe, execute, identity_leaks,
                                    output_leaks, parse, pbe, query, sqlstates, state_leaks, WHO)
 from tests.support.proxy import ProxyProcess, merge
+from tests.support.redteam import MODES, fresh, su, target  # noqa: F401 (fixtures)
+from tests.support.redteam import redteam_config as _config
 
-MODES = ["session", "transaction"]
 PROTOCOLS = ["simple", "extended"]
-
-
-@pytest.fixture(scope="module")
-def su(database, tmp_path_factory):
-    superuser = Superuser(database, tmp_path_factory.mktemp("redteam"))
-    yield superuser
-    superuser.close()
-
-
-def _config(base_config: dict, su: Superuser, mode: str, **backend) -> dict:
-    # One backend connection: alice's and bob's sessions land on the same one. Every idle
-    # connection is health-checked before reuse, so fresh_pool's terminations are noticed.
-    return merge(base_config, {"backend": {**su.backend, "pool_mode": mode, "pool_size": 1, "health_check_after_s": 0,
-                                           "acquire_timeout_s": 5, **backend}})
-
-
-@pytest.fixture(scope="module", params=MODES)
-def target(request, base_config, su):
-    process = ProxyProcess(_config(base_config, su, request.param))
-    process.mode = request.param
-    yield process
-    assert process.stop() == 0, process.log()[-3000:]
-
-
-@pytest.fixture
-def fresh(su):
-    """Each attempt starts on a new backend connection, so a leak is the attempt's own."""
-    su.fresh_pool()
-    return su
 
 
 def _alice(proxy, issuer, params=None) -> Client:
