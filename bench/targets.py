@@ -11,7 +11,14 @@ through ``role_pool_modes``). And every target has a TLS twin (``direct_tls``,
 ``pgbouncer_tls``, ``pgproxy_tls``): the same server, with sslmode=require from pgbench
 and a certificate from a CA made for the run.
 
-Every target gets the same pool size and the same backend.
+With ``workers`` set, a second pgproxy runs beside the first (which always has one worker
+process): ``pgproxy_workers`` and its twins ``pgproxy_workers_tx``, ``_tls`` and
+``_noguard``, with ``server.workers`` = that number (0 = one per CPU, the default).
+
+Every target gets the same pool size and the same backend (pgproxy's pools are per worker,
+so with N workers PostgreSQL may see up to N × pool size connections from it). Each
+pooler's target knows the pid at the top of its processes (``Target.pid``), so a run can
+measure their CPU (bench/cpu.py); ``direct`` has none.
 """
 
 from __future__ import annotations
@@ -52,6 +59,7 @@ class Target:
     password: str
     extra_env: dict = field(default_factory=dict)
     database: str = "bench"
+    pid: int | None = None  # the proxy's top process (its CPU is measured); None for direct
 
     def env(self) -> dict:
         return {**os.environ, "PGPASSWORD": self.password, "PGSSLMODE": "disable", **self.extra_env}
@@ -63,20 +71,33 @@ class Target:
 class Bench:
     """Starts and stops everything a run needs."""
 
-    def __init__(self, scale: int, pgproxy_overrides: dict | None = None, pool_size: int = POOL_SIZE) -> None:
+    def __init__(self, scale: int, pgproxy_overrides: dict | None = None, pool_size: int = POOL_SIZE,
+                 workers: int | None = None) -> None:
         self.scale = scale
         self.pool_size = pool_size
         self.pgproxy_overrides = pgproxy_overrides or {}
+        self.workers = workers  # None: no pgproxy_workers targets; 0: one worker per CPU
+        self.workers_started = 0  # worker processes the pgproxy_workers proxy really runs
         self.dir = Path(tempfile.mkdtemp(prefix="pgproxy-bench-"))
         self.dir.chmod(0o755)
         self.cluster: PgCluster | None = None
         self.issuer: DevIssuer | None = None
         self.proxy: ProxyProcess | None = None
         self.unguarded: ProxyProcess | None = None
+        self.multi: ProxyProcess | None = None
+        self.multi_unguarded: ProxyProcess | None = None
         self.bouncer: subprocess.Popen | None = None
         self.targets: dict[str, Target] = {}
 
     def start(self) -> "Bench":
+        """Everything, or nothing: what did start is stopped again if a part fails."""
+        try:
+            return self._start()
+        except BaseException:
+            self.stop()
+            raise
+
+    def _start(self) -> "Bench":
         from tests.support.certs import TestCA
         ca = TestCA(self.dir)
         self.cert, self.key = ca.issue("localhost", ["localhost", "127.0.0.1"], stem="server")
@@ -97,14 +118,19 @@ class Bench:
         self.targets["direct"] = direct
         self.targets["pgbouncer"] = self._start_pgbouncer()
         self.targets["pgbouncer_tx"] = Target("pgbouncer_tx", self.targets["pgbouncer"].port, BENCH_LOGIN,
-                                              BENCH_PASSWORD, database="bench_tx")
+                                              BENCH_PASSWORD, database="bench_tx", pid=self.bouncer.pid)
         self.targets["pgproxy"] = self._start_pgproxy()
         token = self.issuer.mint("benchtx", ["bench_tx"], ttl_s=4 * 3600)
-        self.targets["pgproxy_tx"] = Target("pgproxy_tx", self.proxy.port, "benchtx", token)
-        for name in ("direct", "pgbouncer", "pgproxy"):
+        self.targets["pgproxy_tx"] = Target("pgproxy_tx", self.proxy.port, "benchtx", token,
+                                            pid=self.proxy.process.pid)
+        plain_names = ["direct", "pgbouncer", "pgproxy"]
+        if self.workers is not None:
+            self._start_pgproxy_workers(token)
+            plain_names.append("pgproxy_workers")
+        for name in plain_names:
             plain = self.targets[name]
             self.targets[f"{name}_tls"] = Target(f"{name}_tls", plain.port, plain.user, plain.password,
-                                                 {"PGSSLMODE": "require"})
+                                                 {"PGSSLMODE": "require"}, pid=plain.pid)
         return self
 
     def _start_pgbouncer(self) -> Target:
@@ -141,7 +167,7 @@ client_tls_key_file = {self.dir}/server.key
                                          str(self.dir / "pgbouncer.ini")],
                                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, **run_as(user))
         wait_for_port(port, self.bouncer)
-        return Target("pgbouncer", port, BENCH_LOGIN, BENCH_PASSWORD)
+        return Target("pgbouncer", port, BENCH_LOGIN, BENCH_PASSWORD, pid=self.bouncer.pid)
 
     def _start_pgproxy(self) -> Target:
         self.issuer = DevIssuer().start()
@@ -149,8 +175,25 @@ client_tls_key_file = {self.dir}/server.key
         token = self.issuer.mint("benchuser", ["bench"], ttl_s=4 * 3600)
         # The same proxy with the statement guard off, only to measure what the guard costs.
         self.unguarded = ProxyProcess(merge(self.pgproxy_config(), {"guard": {"unsafe_disable": True}}))
-        self.targets["pgproxy_noguard"] = Target("pgproxy_noguard", self.unguarded.port, "benchuser", token)
-        return Target("pgproxy", self.proxy.port, "benchuser", token)
+        self.targets["pgproxy_noguard"] = Target("pgproxy_noguard", self.unguarded.port, "benchuser", token,
+                                                 pid=self.unguarded.process.pid)
+        return Target("pgproxy", self.proxy.port, "benchuser", token, pid=self.proxy.process.pid)
+
+    def _start_pgproxy_workers(self, tx_token: str) -> None:
+        """The same proxy with ``server.workers = self.workers``, and its guard-off twin."""
+        from bench.cpu import descendants
+        workers = {"server": {"workers": self.workers}}
+        self.multi = ProxyProcess(merge(self.pgproxy_config(), workers))
+        self.multi_unguarded = ProxyProcess(merge(self.pgproxy_config(), {**workers,
+                                                                          "guard": {"unsafe_disable": True}}))
+        # a supervisor and its workers, or (one worker) a single process
+        self.workers_started = len(descendants(self.multi.process.pid)) or 1
+        token = self.targets["pgproxy"].password
+        for name, proxy, user, password in (
+                ("pgproxy_workers", self.multi, "benchuser", token),
+                ("pgproxy_workers_tx", self.multi, "benchtx", tx_token),
+                ("pgproxy_workers_noguard", self.multi_unguarded, "benchuser", token)):
+            self.targets[name] = Target(name, proxy.port, user, password, pid=proxy.process.pid)
 
     def pgproxy_config(self) -> dict:
         password_file = self.dir / "pool-password"
@@ -176,7 +219,7 @@ client_tls_key_file = {self.dir}/server.key
                 "pgbench": subprocess.run([pgbench(), "--version"], capture_output=True, text=True).stdout.strip()}
 
     def stop(self) -> None:
-        for proxy in (self.proxy, self.unguarded):
+        for proxy in (self.proxy, self.unguarded, self.multi, self.multi_unguarded):
             if proxy:
                 proxy.stop()
         if self.bouncer:

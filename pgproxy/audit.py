@@ -1,14 +1,27 @@
 """The audit trail: one JSON line per event, written off the hot path, fail-closed.
 
-Records are rendered to JSON on the event loop (about 3 µs for a statement), chained
-(pgproxy/audit_chain.py: seq, prev = SHA-256 of the previous line; about 1.5 µs) and
-queued as final lines; a writer thread appends what is queued in one write every
-``flush_interval_ms``. All per-record work stays on the loop on purpose: measured, a
-writer thread that renders holds the GIL while the loop wants it back after each send()
-— the GIL convoy — and cost 30 % of select-only throughput; chaining on the writer cost
-5 µs per statement in a micro-benchmark where chaining on the loop costs 1.5. A thread
-that only write()s releases the GIL in the syscall. The chain state is shared with the
-writer's own records (seals, audit_gap) under a lock that the loop takes uncontended.
+Records are rendered to JSON on the event loop, chained (pgproxy/audit_chain.py: seq,
+prev = SHA-256 of the previous line) and queued as the UTF-8 bytes that were hashed; a
+writer thread appends what is queued in one write every ``flush_interval_ms``. All
+per-record work stays on the loop on purpose: measured, a writer thread that renders
+holds the GIL while the loop wants it back after each send() — the GIL convoy — and cost
+30 % of select-only throughput; chaining on the writer cost 5 µs per statement in a
+micro-benchmark where chaining on the loop costs about 1. A thread that only write()s
+releases the GIL in the syscall. The chain state is shared with the writer's own records
+(seals, audit_gap) under a lock that the loop takes uncontended.
+
+Cost (``scripts/audit-micro --compare``, this project's 2 shared cores, thread CPU per
+``statement()``, best of 15 rounds): 3.6 µs with a new text each time (simple protocol),
+3.7–3.9 µs for a prepared statement with one parameter, the chain's SHA-256, lock and
+encode (about 1 µs) included — the unchained trail before it (7f34696) took 3.1 and
+5.7–6.0 µs, its first chained version 4.9 and 7.4–7.8 µs.
+What a session repeats is rendered once (its members, a prepared text, a command tag),
+the rest is one f-string of C-escaped pieces, never json.dumps. The writer costs about
+1 µs of CPU per record, mostly the write() itself; a round writes once (what is queued
+during the write waits for the next round: each write hands the GIL to the loop and
+taking it back costs the loop a switch), and a checkpoint due goes into the same write.
+An idle writer (and no sinks) sleeps until ``_put`` queues a record and wakes it, looking
+once a second for rotation and interval checkpoints, instead of waking 50 times a second.
 
 Fail closed (``on_failure = "refuse"``): ``available`` is False while the last write (or
 fsync) failed, the queue holds more than ``queue_size`` records, or a sink with
@@ -80,8 +93,11 @@ log = logging.getLogger("pgproxy.audit")
 _BATCH = 4096            # lines per write at most
 _BACKOFF_S = (0.01, 1.0)  # first retry after a failed write, doubling up to the second
 _FOLLOW_CHECK_S = 1.0    # built-in rotation: how often to look whether another worker rotated
+_IDLE_WAKE_S = 1.0       # an idle writer still looks this often (rotation, interval checkpoints)
 CLOSE_TIMEOUT_S = 10.0   # close(): how long to keep retrying a failing file before giving up
-try:  # OpenSSL's, without hashlib's dispatch: 0.2 µs of the 1.5 µs a record's link costs
+_CACHE_ENTRIES = 1024    # statement texts and command tags rendered once (each cache; cleared when full)
+_CACHE_TEXT_LENGTH = 2048  # longer texts are escaped each time (bounds the text cache to a few MB)
+try:  # OpenSSL's, without hashlib's dispatch: 0.2 µs less for each record's link
     from _hashlib import openssl_sha256 as _sha256
 except ImportError:
     _sha256 = hashlib.sha256
@@ -126,6 +142,7 @@ class AuditLog:
         self._lock = threading.Lock()   # the chain: _seq, _prev, and appending in that order
         self._seq = 0
         self._prev = ZERO_HASH
+        self._seal_seq = 0  # the seq of the last seal queued, until it is written (writer)
         self._queue_full = False
         self.refused = {"statement": 0, "login": 0}  # note_refused, cumulative (loop)
         self.available = True
@@ -144,6 +161,8 @@ class AuditLog:
         self.worker = index or 0
         self.writer_id = f"{self.worker}.{secrets.token_hex(4)}"
         self._link = f', "writer": "{self.writer_id}", "seq": '
+        self._texts: dict[str, str] = {}    # prepared statement text -> its JSON string (loop)
+        self._tags: dict[bytes, str] = {}   # CommandComplete body -> '"command": ..., "rows": ...' (loop)
         self._path = cfg.file
         self._fd = _open_trail(cfg.file)
         if cfg.on_failure == "continue" and self.worker == 0:
@@ -170,7 +189,8 @@ class AuditLog:
         self._reopen_requested = False
         self._stopping = False
         self._stop_deadline = float("inf")
-        self._wake = threading.Event()     # a batch is wanted now (durability, stop, reopen)
+        self._idle = False                 # the writer sleeps until _put wakes it (see _go_idle)
+        self._wake = threading.Event()     # a batch is wanted now (durability, stop, reopen, idle)
         self._control = threading.Event()  # stop, reopen or reconfigure: cuts a retry backoff short
         # --- durability callbacks (loop) ---
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -189,7 +209,7 @@ class AuditLog:
     def event(self, event: str, **fields) -> int:
         """Queue a record; returns its seq (see ``when_durable``)."""
         return self._put(json.dumps({"ts": _iso(time.time()), **fields, "event": event}, ensure_ascii=False,
-                                    default=str))
+                                    default=str)[:-1])
 
     def statement(self, session_prefix: str, text: str, params: list | None, param_info: tuple | None,
                   tags: list[bytes], started: float, duration_s: float, outcome: str,
@@ -203,18 +223,23 @@ class AuditLog:
         except Exception:  # never lose the fact that a statement ran
             log.exception("cannot render an audit record")
             line = json.dumps({"ts": _iso(started), "event": "statement", "statement": text,
-                               "outcome": outcome, "render_error": True}, ensure_ascii=False)
+                               "outcome": outcome, "render_error": True}, ensure_ascii=False)[:-1]
         return self._put(line)
 
-    def _put(self, line: str) -> int:
+    def _put(self, body: str) -> int:
+        """Chain and queue a record: ``body`` is its JSON object without the closing brace.
+        The queue holds the line's UTF-8, as hashed (the writer joins bytes: no encode there)."""
         pending = self._pending
         if len(pending) > self._cfg.queue_size and self._overflow():
             return self._seq
         with self._lock:
             seq = self._seq = self._seq + 1
-            line = f'{line[:-1]}{self._link}{seq}, "prev": "{self._prev}"}}'
-            self._prev = _sha256(line.encode()).hexdigest()
+            line = f'{body}{self._link}{seq}, "prev": "{self._prev}"}}'.encode()
+            self._prev = _sha256(line).hexdigest()
             pending.append(line)
+        if self._idle:  # after the append (see _go_idle): the writer sleeps until a record comes
+            self._idle = False
+            self._wake.set()
         return seq
 
     def _overflow(self) -> bool:
@@ -248,7 +273,8 @@ class AuditLog:
             self._loop.call_soon(callback)
             return
         heapq.heappush(self._waiters, (seq, next(self._waiter_n), callback))
-        self._wake.set()  # after the push: the writer then sees the waiter
+        if not self._wake.is_set():  # after the push: the writer then sees the waiter
+            self._wake.set()
 
     def _fire_durable(self) -> None:
         durable, waiters = self._durable, self._waiters
@@ -278,6 +304,7 @@ class AuditLog:
     def reconfigure(self, cfg: AuditSection) -> None:
         """A reloaded [audit] section: rendering options at once, the rest at the writer's next batch."""
         self._cfg = cfg
+        self._texts = {}  # rendered with the old max_statement_length
         self.before_result = cfg.durability == "before_result"
         self._new_cfg = cfg
         self._control.set()
@@ -317,9 +344,11 @@ class AuditLog:
                 self._control.wait(self._backoff)
                 self._control.clear()
             else:
-                self._wake.wait(self._wcfg.flush_interval_ms / 1000)
+                self._wake.wait(self._idle_timeout() if self._idle else self._wcfg.flush_interval_ms / 1000)
             self._wake.clear()
+            self._idle = False
             stopping = self._stopping
+            written = self.records_written
             try:
                 self._cycle(stopping)
             except Exception:  # a bug must not silently end the trail
@@ -329,10 +358,34 @@ class AuditLog:
             done = self._closing_sealed and not self._pending and self._batch is None and not self._fsync_owed
             if stopping and (done or time.monotonic() > self._stop_deadline):
                 break
+            if self.records_written == written:
+                self._go_idle()
         if not done:
             lost = len(self._pending) + (len(self._batch[0]) if self._batch else 0)
             log.error("audit records could not be written before shutdown", extra={"lost": lost,
                                                                                    "reason": self._file_problem})
+
+    def _go_idle(self) -> None:
+        """After a round that wrote nothing: sleep until the loop queues a record, not for
+        every flush_interval_ms (an idle worker woke 50 times a second). Only when all is
+        well: a failing file, a gap to close, a waiter or a request keeps the timed rounds,
+        and so do sinks — one can turn unhealthy while delivering in the background, and
+        ``available`` must follow within a round, not within a second."""
+        if (self._file_problem or self._gap is not None or self._batch is not None or self._fsync_owed
+                or self._waiters or self._reopen_requested or self._new_cfg is not None or not self.available
+                or self._sinks):
+            return
+        self._idle = True
+        # Set before this look, read by _put after its append (both under the GIL): either the
+        # look sees the record, or _put sees _idle and wakes the writer.
+        if self._pending:
+            self._idle = False
+
+    def _idle_timeout(self) -> float:
+        timeout = _IDLE_WAKE_S
+        if self._since_seal:  # a checkpoint is due checkpoint_interval_s after the last seal
+            timeout = min(timeout, max(0.0, self._sealed_at + self._wcfg.checkpoint_interval_s - time.monotonic()))
+        return timeout
 
     def _cycle(self, stopping: bool) -> None:
         if self._fsync_owed and not self._sync():
@@ -340,8 +393,9 @@ class AuditLog:
             return
         self._apply_requests()
         ok = self._flush()
+        gap = self._gap
         self._update_health()
-        if ok and self._pending:  # e.g. the audit_gap record just added
+        if ok and gap is not None and self._gap is None:  # the audit_gap record just queued
             ok = self._flush()
         if ok and stopping and not self._closing_sealed:
             self._closing_sealed = True
@@ -362,6 +416,16 @@ class AuditLog:
     def _take(self) -> list | None:
         """The next batch from the queue: up to _BATCH lines, ending early after a switch."""
         pending, lines, switch = self._pending, [], None
+        if not self._switches_queued and len(pending) <= _BATCH:  # the usual case: all of it, in two C calls
+            with self._lock:  # no append between the copy and the clear
+                lines = list(pending)
+                pending.clear()
+                if (lines and self._since_seal + len(lines) >= self._wcfg.checkpoint_records
+                        and not self._seal_seq and not self._closing_sealed):
+                    # The checkpoint due after these lines goes in the same write (chained right
+                    # after them: the lock is held), not in a write of its own after it.
+                    lines.append(self._chained(self._seal("audit_checkpoint", "checkpoint", "records")))
+            return [lines, None] if lines else None
         while pending and len(lines) < _BATCH:
             item = pending.popleft()
             if type(item) is _Switch:
@@ -371,17 +435,25 @@ class AuditLog:
         return [lines, switch] if lines or switch else None
 
     def _flush(self) -> bool:
-        """Write what is queued, in batches; False if a write failed (the batch is kept)."""
+        """Write what is queued, in batches; False if a write failed (the batch is kept).
+
+        What the loop queues while a batch is written waits for the next round (unless there
+        is a backlog, a gap to close, or the trail is stopping): under load that is one write
+        a round, not two or three — each write hands the GIL to the loop, and taking it back
+        costs the loop a forced switch."""
         cfg = self._wcfg
+        more = True
         while True:
             if self._batch is None:
-                self._batch = self._take()
+                self._batch = self._take() if more else None
                 if self._batch is None:
                     if self._since_seal and time.monotonic() - self._sealed_at >= cfg.checkpoint_interval_s:
                         self._append_record(self._seal("audit_checkpoint", "checkpoint", "interval"))
+                        more = True
                         continue
                     return self._sync()  # one fsync for everything this round wrote (group commit)
             lines, switch = self._batch
+            count = len(lines)
             if lines and not self._write_lines(lines):
                 if cfg.on_failure == "continue":  # give these up: the audit_gap record says how many
                     self.dropped_records += len(lines)
@@ -398,12 +470,17 @@ class AuditLog:
                 self._switch_to(switch)
             elif self._since_seal >= cfg.checkpoint_records and not self._closing_sealed:
                 self._append_record(self._seal("audit_checkpoint", "checkpoint", "records"))
+            else:
+                more = count >= _BATCH or self._stopping or self._gap is not None
 
-    def _write_lines(self, lines: list[str]) -> bool:
+    def _write_lines(self, lines: list[bytes]) -> bool:
         """Append ``lines`` (a torn retry starts on a new line); False if not all were written
         (those that were are dropped from ``lines``)."""
-        lead = "\n" if self._check_line_end and not _ends_with_newline(self._fd) else ""
-        data = (lead + "\n".join(lines) + "\n").encode()  # one C call: no per-line work here
+        lead = b"\n" if self._check_line_end and not _ends_with_newline(self._fd) else b""
+        # One C call, no per-line work: joining bytes is 20x faster than joining and encoding str.
+        data = b"\n".join([*lines, b""])
+        if lead:
+            data = lead + data
         written, error = _write_all(self._fd, data)
         # Lines hold no raw newline (JSON escapes it): each one in the written part ends a line.
         done = len(lines) if error is None else data.count(b"\n", len(lead), written)
@@ -416,19 +493,23 @@ class AuditLog:
         self._write_failed(f"cannot write {self._path}: {error.strerror or error}", error)
         return False
 
-    def _committed(self, lines: list[str]) -> None:
+    def _committed(self, lines: list[bytes]) -> None:
         self._written += len(lines)
         self.records_written += len(lines)
         self._since_seal += len(lines)
-        if ', "sig": "' in lines[-1]:  # only a seal has that member unescaped (see audit_chain)
-            self._since_seal, self._sealed_at = 0, time.monotonic()
+        if self._seal_seq and self._written >= self._seal_seq:  # the last seal queued is in the file
+            self._since_seal, self._sealed_at = self._written - self._seal_seq, time.monotonic()
+            self._seal_seq = 0
         if self._fsync_wanted():
             self._fsync_owed = True
         else:
             self._check_durable()
+        if not self._sinks:
+            return
+        text = [line.decode() for line in lines]  # sinks take str (the loop queued the bytes it hashed)
         for sink in self._sinks:
             try:
-                sink.submit(lines)
+                sink.submit(text)
             except Exception:
                 log.exception("audit sink failed to take records", extra={"sink": getattr(sink, "name", "?")})
 
@@ -626,15 +707,20 @@ class AuditLog:
             self._chain(fields)
 
     def _chain(self, fields: dict) -> None:
-        """Queue a record of the writer's own (the lock held): a seal is signed."""
+        """Queue a record of the writer's own (the lock held)."""
+        self._pending.append(self._chained(fields))
+
+    def _chained(self, fields: dict) -> bytes:
+        """The next line of the chain (the lock held; the caller queues it): a seal is signed."""
         seq = self._seq = self._seq + 1
         if "seal" in fields:
-            line = render_seal(fields, self.writer_id, seq, self._prev, self._key, self._kid)
+            line = render_seal(fields, self.writer_id, seq, self._prev, self._key, self._kid).encode()
+            self._seal_seq = seq
         else:
-            line = json.dumps(fields, ensure_ascii=False, default=str)[:-1] \
-                + f', "writer": "{self.writer_id}", "seq": {seq}, "prev": "{self._prev}"}}'
-        self._prev = _sha256(line.encode()).hexdigest()
-        self._pending.append(line)
+            line = (json.dumps(fields, ensure_ascii=False, default=str)[:-1]
+                    + f', "writer": "{self.writer_id}", "seq": {seq}, "prev": "{self._prev}"}}').encode()
+        self._prev = _sha256(line).hexdigest()
+        return line
 
     def _seal(self, event: str, seal: str, reason: str, **extra) -> dict:
         return {"ts": _iso(time.time()), "event": event, "seal": seal, "reason": reason, **extra}
@@ -653,31 +739,61 @@ class AuditLog:
     def _render_statement(self, started: float, prefix: str, text: str, params, param_info, raw_tags,
                           duration_s: float, outcome: str, sqlstate: str | None, pid: int | None,
                           verdict=None) -> str:
-        # Statements are most of the trail: built as a string with C-level escaping,
-        # about 4x cheaper than dumping a dict.
-        cfg = self._cfg
-        if len(text) > cfg.max_statement_length:
-            text = text[:cfg.max_statement_length] + "…"
-        tags, rows = [], None
-        for raw in raw_tags:
-            tag, count = parse_command_tag(raw)
-            tags.append(tag)
-            if count is not None:
-                rows = (rows or 0) + count
-        out = (f'{{"ts": "{_iso(started)}", "event": "statement", {prefix}, '
-               f'"backend_pid": {"null" if pid is None else pid}, "statement": {_json_str(text)}, '
-               f'"command": {_json_str(tags[-1]) if tags else "null"}, "rows": {"null" if rows is None else rows}, '
-               f'"duration_ms": {round(duration_s * 1000, 3)}, "outcome": "{outcome}"')
-        if len(tags) > 1:
-            out += f', "commands": {json.dumps(tags, ensure_ascii=False)}'
+        """The record's JSON without its closing brace (``_put`` adds the chain members).
+
+        Statements are most of the trail, so no json.dumps here: the line is one f-string of
+        C-escaped pieces, and what a session repeats is escaped once — its members
+        (``session_prefix``), a prepared statement's text, the command tag. The bytes are
+        exactly json.dumps' (tests/unit/test_audit_render.py compares them)."""
+        if params is not None:  # the extended protocol: a prepared text, again and again
+            statement = self._texts.get(text) or self._cache_text(text)
+        else:  # the simple protocol's literals differ every time: a cache would only miss
+            statement = self._text_json(text)
+        commands = ""
+        if len(raw_tags) == 1:
+            raw = raw_tags[0]
+            command = (self._tags.get(raw) if type(raw) is bytes else None) or self._cache_tag(raw)
+        else:  # none (it failed, or was cut short), or a multi-statement query
+            command, commands = _commands(raw_tags)
         if sqlstate:
-            out += f', "sqlstate": {_json_str(sqlstate)}'
+            commands += f', "sqlstate": {_json_str(sqlstate)}'
         if verdict is not None:
-            out += _verdict_members(verdict)
-        if params is not None and cfg.parameters != "off":
-            rendered = [self._render_param(i, p, param_info) for i, p in enumerate(params)]
-            out += f', "parameters": {json.dumps(rendered, ensure_ascii=False)}'
-        return out + "}"
+            commands += _verdict_members(verdict)
+        if params is not None and self._cfg.parameters != "off":
+            commands += ', "parameters": ' + self._params_json(params, param_info)
+        return (f'{{"ts": "{_iso(started)}", "event": "statement", {prefix}, '
+                f'"backend_pid": {"null" if pid is None else pid}, "statement": {statement}, {command}, '
+                f'"duration_ms": {_ms(duration_s)}, "outcome": "{outcome}"{commands}')
+
+    def _text_json(self, text: str) -> str:
+        limit = self._cfg.max_statement_length
+        return _json_str(text if len(text) <= limit else text[:limit] + "…")
+
+    def _cache_text(self, text: str) -> str:
+        rendered = self._text_json(text)
+        if len(text) <= _CACHE_TEXT_LENGTH:
+            if len(self._texts) >= _CACHE_ENTRIES:
+                self._texts.clear()
+            self._texts[text] = rendered
+        return rendered
+
+    def _cache_tag(self, raw: bytes) -> str:
+        tag, count = parse_command_tag(raw)
+        rendered = f'"command": {_json_str(tag)}, "rows": {"null" if count is None else count}'
+        if type(raw) is bytes and len(raw) <= 64:  # (a bytearray cannot be a key)
+            if len(self._tags) >= _CACHE_ENTRIES:
+                self._tags.clear()
+            self._tags[raw] = rendered
+        return rendered
+
+    def _params_json(self, params: list, param_info: tuple | None) -> str:
+        """json.dumps(ensure_ascii=False) of the rendered values, from C-escaped strings."""
+        render = self._render_param
+        if len(params) == 1:
+            value = params[0]
+            return "[null]" if value is None else f"[{_json_str(render(0, value, param_info))}]"
+        return "[" + ", ".join(["null" if value is None else _json_str(render(i, value, param_info))
+                                for i, value in enumerate(params)]) + "]"
 
     def _render_param(self, index: int, value: bytes | None, formats_and_types: tuple | None):
         if value is None:
@@ -769,4 +885,28 @@ def _iso(ts: float) -> str:
     if _second_cache[0] != second:
         _second_cache[0] = second
         _second_cache[1] = datetime.fromtimestamp(second, timezone.utc).strftime("%Y-%m-%dT%H:%M:%S")
-    return f"{_second_cache[1]}.{int((ts - second) * 1_000_000):06d}+00:00"
+    return "%s.%06d+00:00" % (_second_cache[1], (ts - second) * 1_000_000)  # %d truncates, as int() did
+
+
+def _ms(seconds: float) -> str:
+    """``repr(round(seconds * 1000, 3))`` (what json.dumps writes), without float repr's cost.
+
+    Below 1e9 ms the value has at most 12 significant digits, so the shortest repr of the
+    rounded float is the correctly rounded decimal "%.3f" gives, less trailing zeros."""
+    ms = seconds * 1000
+    if not 0.0 <= ms < 1e9:  # negative, huge, nan: as before
+        return repr(round(ms, 3))
+    text = ("%.3f" % ms).rstrip("0")
+    return text + "0" if text[-1] == "." else text
+
+
+def _commands(raw_tags: list[bytes]) -> tuple[str, str]:
+    """The command and rows members for no tag or several, and the commands member after the outcome."""
+    tags, rows = [], None
+    for raw in raw_tags:
+        tag, count = parse_command_tag(raw)
+        tags.append(tag)
+        if count is not None:
+            rows = (rows or 0) + count
+    command = f'"command": {_json_str(tags[-1]) if tags else "null"}, "rows": {"null" if rows is None else rows}'
+    return command, f', "commands": {json.dumps(tags, ensure_ascii=False)}' if len(tags) > 1 else ""

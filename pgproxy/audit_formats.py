@@ -7,7 +7,8 @@ Which OCSF class a record becomes (schema 1.5.0):
 
     event                            OCSF class                      activity
     statement, denied, pin, other    6005 Datastore Activity         Query/Write/Update/Create/Delete/Other
-    session_start, auth_failure      3002 Authentication             Logon (Success / Failure)
+    session_start, auth_failure,     3002 Authentication             Logon (Success / Failure)
+    access_denied
     session_end                      3002 Authentication             Logoff
     admin_*                          6003 API Activity               Other ("terminate", "unblock")
 
@@ -44,9 +45,10 @@ def level(record: dict) -> int:
     """How much a record matters: INFORMATIONAL (the normal trail), LOW (a statement that
     failed, a refused session state), MEDIUM (a refused login or statement, an admin action)."""
     event = record.get("event")
-    if event in ("auth_failure", "denied") or str(event).startswith("admin_"):
+    if event in ("auth_failure", "denied") or str(event).startswith("admin_") or _access_refused(record):
         return MEDIUM
-    if record.get("outcome") in _FAILED_OUTCOMES or record.get("result") == "refused" or record.get("render_error"):
+    if (record.get("outcome") in _FAILED_OUTCOMES or record.get("result") == "refused" or record.get("render_error")
+            or record.get("event") == "access_denied"):
         return LOW
     return INFORMATIONAL
 
@@ -54,6 +56,11 @@ def level(record: dict) -> int:
 def failed(record: dict) -> bool:
     return (record.get("event") in ("auth_failure", "denied") or record.get("outcome") in _FAILED_OUTCOMES
             or record.get("result") == "refused")
+
+
+def _access_refused(record: dict) -> bool:
+    """A login an [[access]] condition refused (a lowered one is a LOW, successful logon)."""
+    return record.get("event") == "access_denied" and record.get("result") != "lowered"
 
 
 # --- session context -------------------------------------------------------------------
@@ -135,7 +142,7 @@ _ACTIVITY_NAMES = {"pin": "Pin session", "denied": "Denied"}
 def to_ocsf(record: dict) -> dict:
     """One OCSF 1.5.0 event for one audit record (see the module docstring for the classes)."""
     event = str(record.get("event") or "unknown")
-    if event in ("session_start", "auth_failure", "session_end"):
+    if event in ("session_start", "auth_failure", "session_end", "access_denied"):
         out, used = _authentication(record, event)
     elif event.startswith("admin_"):
         out, used = _api_activity(record, event)
@@ -211,7 +218,9 @@ def _authentication(record: dict, event: str) -> tuple[dict, set]:
     method = record.get("auth_method")
     if method:
         out["auth_protocol_id"], out["auth_protocol"] = _AUTH_PROTOCOLS.get(method, (99, str(method)))
-    verb = {"session_start": "logged in", "auth_failure": "failed to log in", "session_end": "logged off"}[event]
+    verb = {"session_start": "logged in", "auth_failure": "failed to log in", "session_end": "logged off",
+            "access_denied": "was lowered to a weaker role by an access condition" if record.get("result") == "lowered"
+            else "was refused by an access condition"}[event]
     out["message"] = f"{record.get('user') or 'unknown'} {verb}" + \
         (f" to database {record['database']}" if record.get("database") else "")
     if isinstance(record.get("duration_s"), (int, float)):
@@ -289,6 +298,7 @@ def _add_dst(out: dict, record: dict) -> None:
 
 _CEF_NAMES = {"statement": "SQL statement", "denied": "Statement refused", "session_start": "Logon",
               "session_end": "Logoff", "auth_failure": "Logon failed", "pin": "Session pinned",
+              "access_denied": "Logon refused by an access condition",
               "admin_terminate": "Admin terminated sessions", "admin_unblock": "Admin unblocked a user"}
 _CEF_SEVERITY = {INFORMATIONAL: 1, LOW: 3, MEDIUM: 5}
 # (our member, CEF key, label for custom fields): the order they appear in.

@@ -499,7 +499,7 @@ def build_sinks(cfg) -> list[QueuedSink]:
     prepared = []
     for i, rule in enumerate(cfg.audit_sinks):
         at = f"audit_sinks[{i}]"
-        instance = rule.instance or socket.gethostname()
+        instance = rule.instance or _instance_name(cfg)
         if rule.type == "syslog":
             tls = _syslog_tls(rule, at, problems) if rule.transport == "tls" else None
             prepared.append(lambda rule=rule, i=i, instance=instance, tls=tls:
@@ -512,6 +512,13 @@ def build_sinks(cfg) -> list[QueuedSink]:
     if problems:
         raise ConfigError(problems)
     return [make().start() for make in prepared]
+
+
+def _instance_name(cfg) -> str:
+    """The instance's own name (control.instance, or <host>:<port>): several instances on one
+    host stay apart in a shared table."""
+    from pgproxy.control_plane import instance_name
+    return instance_name(cfg)
 
 
 def _password(rule: AuditSinkRule, at: str, problems: list[str]) -> str | None:

@@ -42,11 +42,26 @@ def main(argv: list[str] | None = None) -> int:
     token.add_argument("--issuer", default="", help="dev issuer URL (default: the running demo's)")
     admin = sub.add_parser("admin", help="the running proxy's admin API (http.listen, http.admin_token)")
     admin.add_argument("-c", "--config", required=True)
-    admin.add_argument("action", choices=["sessions", "pools", "terminate", "unblock"])
-    admin.add_argument("user", nargs="?", default="", help="whose sessions (terminate, unblock; filters sessions)")
+    admin.add_argument("action", choices=["sessions", "pools", "terminate", "unblock", "grant", "grants",
+                                          "end-grant", "revoke", "revocations", "unrevoke"])
+    admin.add_argument("user", nargs="?", default="", help="whose sessions (terminate, unblock; filters sessions); "
+                                                           "grant: the person; end-grant: the grant's id")
+    admin.add_argument("--role", default="", help="grant: the role to grant")
+    admin.add_argument("--for", dest="duration", default="", metavar="DURATION",
+                       help="grant: how long (3600, 90s, 15m, 1h30m, 2d)")
+    admin.add_argument("--reason", default="", help="grant: why (audited)")
+    admin.add_argument("--approver", default="", help="grant: who approved it (audited)")
+    admin.add_argument("--all", action="store_true", help="grants: also those that ended and decided requests")
     admin.add_argument("--block", type=float, default=0.0, metavar="SECONDS",
                        help="terminate: also refuse the user's logins this long")
     admin.add_argument("--json", action="store_true", help="print the API's JSON answer")
+    admin.add_argument("--subject", default="", help="revoke, unrevoke: by the IdP subject ('sub') or DN")
+    admin.add_argument("--jti", default="", help="revoke, unrevoke: by the token id ('jti')")
+    admin.add_argument("--id", default="", help="unrevoke: the revocation's id (admin revocations lists them)")
+    control = sub.add_parser("control", help="the control schema shared by several instances ([control])")
+    control.add_argument("control_command", choices=["init", "sql"],
+                         help="init: create or update schema pgproxy_control as control.user; sql: print its SQL")
+    control.add_argument("-c", "--config", default="", help="the configuration ([control]; needed by init)")
     sub.add_parser("hash-secret", help="hash a service account secret (read from stdin) for the accounts file")
     backend = sub.add_parser("check-backend", help="report database setups that let a person leave their identity")
     backend.add_argument("-c", "--config", required=True)
@@ -67,7 +82,20 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     return {"serve": cmd_serve, "check-config": cmd_check_config, "demo": cmd_demo, "dev-token": cmd_dev_token,
             "admin": cmd_admin, "hash-secret": cmd_hash_secret, "check-backend": cmd_check_backend,
-            "identity-key": cmd_identity_key, "identity-sql": cmd_identity_sql, "audit": cmd_audit}[args.command](args)
+            "identity-key": cmd_identity_key, "identity-sql": cmd_identity_sql, "audit": cmd_audit,
+            "control": cmd_control}[args.command](args)
+
+
+def cmd_control(args) -> int:
+    """init: exit 0 once the schema is there, 1 if it could not be made; sql: print it."""
+    from pgproxy.control_admin import cmd_control as run
+    if args.control_command == "init" and not args.config:
+        print("error: control init needs -c FILE", file=sys.stderr)
+        return 2
+    cfg = _load_or_report(args.config) if args.config else None
+    if args.config and cfg is None:
+        return 1
+    return run(args, cfg)
 
 
 def cmd_audit(args) -> int:
@@ -171,6 +199,8 @@ async def serve_until_signalled(cfg, on_ready=None, worker: tuple[int, int] = (0
         await server.start()
     except OSError as exc:  # the listeners say which address; this is the HTTP port or a socket
         raise StartupError(f"cannot start: {exc}") from None
+    from pgproxy import compiled  # by now every hot-path module is imported
+    log.info("hot-path modules", extra=compiled.log_fields())
     if on_ready:
         on_ready(server)
     await stop.wait()
@@ -308,7 +338,21 @@ def cmd_admin(args) -> int:
         host = "127.0.0.1"
     query = urllib.parse.urlencode({k: v for k, v in (("user", args.user), ("block_s", args.block)) if v})
     method = "POST" if args.action in ("terminate", "unblock") else "GET"
-    url = f"http://{host if ':' not in host else f'[{host}]'}:{port}/admin/{args.action}?{query}"
+    path = f"/admin/{args.action}"
+    if args.action in GRANT_ACTIONS:
+        method, path, query = _grant_request(args)
+        if method is None:
+            print(f"error: {query}", file=sys.stderr)
+            return 2
+    if args.action in ("revoke", "revocations", "unrevoke"):  # control_admin.py
+        from pgproxy.control_admin import admin_request
+        try:
+            method, fields = admin_request(args)
+        except ValueError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        query = urllib.parse.urlencode(fields)
+    url = f"http://{host if ':' not in host else f'[{host}]'}:{port}{path}?{query}"
     request = urllib.request.Request(url, method=method, headers={"Authorization": f"Bearer {cfg.admin_token}"})
     try:
         with urllib.request.urlopen(request, timeout=10) as response:
@@ -319,11 +363,39 @@ def cmd_admin(args) -> int:
     except OSError as exc:
         print(f"error: cannot reach the admin API at {host}:{port}: {exc}", file=sys.stderr)
         return 1
-    if args.json or args.action in ("terminate", "unblock"):
+    if args.json or args.action in ("terminate", "unblock", "grant", "end-grant", "revoke", "revocations",
+                                    "unrevoke"):
         print(json.dumps(answer, indent=1))
+    elif args.action == "grants":
+        _print_table(answer["grants"], GRANT_COLUMNS)
+        if answer["requests"]:
+            print()
+            _print_table(answer["requests"], REQUEST_COLUMNS)
     else:
         _print_table(answer, SESSION_COLUMNS if args.action == "sessions" else POOL_COLUMNS)
     return 0
+
+
+GRANT_ACTIONS = ("grant", "grants", "end-grant")
+GRANT_COLUMNS = ("id", "user", "role", "start", "end", "remaining_s", "approver", "reason")
+REQUEST_COLUMNS = ("id", "requester", "role", "duration_s", "filed_at", "state", "decided_by", "reason")
+
+
+def _grant_request(args) -> tuple[str | None, str, str]:
+    """(method, path, query) of a grants action, or (None, "", the problem)."""
+    if args.action == "grants":
+        return "GET", "/admin/grants", "all=1" if args.all else ""
+    if args.action == "end-grant":
+        if not args.user:
+            return None, "", "end-grant needs the grant's id (pgproxy admin grants lists them)"
+        return "POST", "/admin/grants/end", urllib.parse.urlencode({"id": args.user})
+    missing = [name for name, value in (("PERSON", args.user), ("--role", args.role), ("--for", args.duration),
+                                        ("--reason", args.reason)) if not value]
+    if missing:
+        return None, "", f"grant needs {', '.join(missing)}"
+    return "POST", "/admin/grants", urllib.parse.urlencode(
+        {"user": args.user, "role": args.role, "for": args.duration, "reason": args.reason,
+         **({"approver": args.approver} if args.approver else {})})
 
 
 SESSION_COLUMNS = ("user", "role", "client", "application", "since", "state", "database", "worker", "session")

@@ -63,6 +63,12 @@ class ServerSection:
     plaintext_networks: list[str] = option(["127.0.0.0/8", "::1/128"],
                                            "client addresses that may send a password or token without TLS "
                                            "(Unix-socket clients always may)")
+    proxy_protocol_listeners: list[str] = option([], "listening ports (named as in auth.listener_methods: "
+                                                     "\"6440\") whose connections must begin with a PROXY "
+                                                     "protocol header (v1 or v2) from one of trusted_proxies; "
+                                                     "anything else is refused")
+    trusted_proxies: list[str] = option([], "addresses or networks of the load balancers that may send a "
+                                            "PROXY header (e.g. \"10.0.0.0/24\")")
 
     def __post_init__(self) -> None:
         if self.workers == 0:  # the CPUs this process may run on (cgroup/affinity aware), at most 64
@@ -174,6 +180,12 @@ class LdapSection:
     failure_cache_s: float = option(2.0, "a failed login is remembered this long (at most 10 s)")
     max_concurrency: int = option(16, "directory operations at once (threads)")
     databases: list[str] = option([], "databases whose clients may log in with a directory password; empty: all")
+    revalidate_s: float = option(0.0, "re-check every open directory session this often (as bind_dn: the entry "
+                                      "still exists, is not locked or disabled, still maps to its role) and end "
+                                      "those that fail (28000); 0: never; needs bind_dn")
+    revalidate_grace_s: float = option(0.0, "when the directory cannot be asked, sessions keep running this long "
+                                            "past their last good check, then end (fail closed); 0: end at the "
+                                            "first failed check")
 
 
 @dataclass
@@ -200,6 +212,9 @@ class AuthSection:
                                    "from; it must equal their oauth_issuer; empty: auth.jwt.issuer")
     oauth_scope: str = option("", "the scopes OAUTHBEARER clients ask the IdP for (space-separated); required "
                                   "with oauthbearer")
+    on_token_expiry: str = option("end", "when a JWT or OAUTHBEARER session's token expires (exp + auth.jwt.leeway_s): "
+                                         "end (FATAL 28000 at once, an open transaction rolled back) or "
+                                         "end_after_transaction (the current transaction may finish first)")
 
 
 @dataclass
@@ -208,6 +223,33 @@ class RoleRule:
     group: str = option("", "match identities in this group")
     user: str = option("", "match this user name")
     any: bool = option(False, "match every identity (a catch-all rule)")
+
+
+@dataclass
+class AccessRule:
+    """One [[access]] entry: conditions a session must meet to use a role (policy/access.py)."""
+    role: str = option("", "the mapped role these conditions guard ('{username}' is replaced by the user name)")
+    group: str = option("", "identities in this group; with role, both must match; give role, group or both")
+    require_amr: list[str] = option([], "the token's amr must contain one of these, e.g. [\"mfa\"]; directory "
+                                        "and service-account logins have none")
+    require_acr: list[str] = option([], "the token's acr must be one of these")
+    max_auth_age_s: float = option(0.0, "the sign-in (the token's auth_time) is at most this many seconds old at "
+                                        "login; 0: any age")
+    networks: list[str] = option([], "the client's address (the PROXY protocol's, behind a balancer) is in one "
+                                     "of these networks; \"unix\" admits Unix-socket clients; empty: any")
+    require_tls: bool = option(False, "the client connection must use TLS")
+    require_client_certificate: bool = option(False, "the client must have presented a certificate "
+                                                     "(server.tls_client_certificates)")
+    days: list[str] = option([], "days allowed, in timezone: mon ... sun, or ranges like mon-fri; empty: every day")
+    hours: list[str] = option([], "times of day allowed, in timezone: \"HH:MM-HH:MM\" (may pass midnight); "
+                                  "empty: all day")
+    timezone: str = option("UTC", "IANA time zone of days and hours, e.g. Europe/Berlin")
+    application_names: list[str] = option([], "application_name must match one of these patterns (* and ?, "
+                                              "case-sensitive); empty: any")
+    client_ids: list[str] = option([], "the token's client (azp or client_id) must match one of these patterns; "
+                                       "empty: any")
+    fallback_role: str = option("", "instead of refusing, lower the session to this role (its own conditions "
+                                    "apply; audited); needs role")
 
 
 @dataclass
@@ -288,7 +330,8 @@ class AuditSinkRule:
                                        "(fail closed, as for the audit file) or continue (the file only)")
     queue_size: int = option(10_000, "records waiting for this sink; past it records are dropped for this sink "
                                      "and it is unhealthy")
-    instance: str = option("", "this pgproxy's name in every record the sink sends; empty: the host name")
+    instance: str = option("", "this pgproxy's name in every record the sink sends; empty: control.instance "
+                               "(<host name>:<port>)")
     timeout_s: float = option(5.0, "seconds to connect, and to deliver one batch")
     transport: str = option("tcp", "syslog: udp, tcp (RFC 6587 octet counting), tls (RFC 5425) or unix "
                                    "(a local datagram socket)")
@@ -317,6 +360,45 @@ class AuditSinkRule:
 
 
 @dataclass
+class ControlSection:
+    """[control]: revocations, blocks and cancel forwarding shared by several instances (control_plane.py)."""
+    database: str = option("", "database holding the pgproxy_control schema (pgproxy control init); empty: no "
+                               "control database (revocations and blocks: this instance only, in state_file)",
+                           reloadable=False)
+    host: str = option("", "control database host, address or Unix-socket directory; empty: backend.host",
+                       reloadable=False)
+    port: int = option(0, "control database port; 0: backend.port", reloadable=False)
+    user: str = option("", "login role for the pgproxy_control schema; required with database", reloadable=False)
+    password_file: str = option("", "file holding that role's password (first line)", reloadable=False)
+    password_env: str = option("", "environment variable holding that role's password", reloadable=False)
+    sslmode: str = option("disable", "TLS to the control database: disable, require, verify-ca or verify-full",
+                          reloadable=False)
+    sslrootcert: str = option("", "CA bundle for verify-ca and verify-full", reloadable=False)
+    connect_timeout_s: float = option(5.0, "seconds to connect and log in, and for one query", reloadable=False)
+    sync_interval_s: float = option(10.0, "full re-read of the control schema this often (and at each reconnect): "
+                                          "a lost notification delays a change at most this long", reloadable=False)
+    max_staleness_s: float = option(30.0, "the last state read from the control database counts this long; "
+                                          "past it, new logins follow on_unavailable")
+    on_unavailable: str = option("refuse", "logins while the control database has been unreachable past "
+                                           "max_staleness_s: refuse (28000, fail closed) or allow (known "
+                                           "revocations and blocks still hold)")
+    state_file: str = option("", "JSON file keeping known revocations and blocks across restarts; empty: "
+                                 "pgproxy-control-state-<port>.json beside audit.file", reloadable=False)
+    instance: str = option("", "this instance's name (heartbeats, admin answers, audit records); empty: "
+                               "<host name>:<port of the first server.listen>", reloadable=False)
+    peer_id: int = option(0, "1-127: this instance's number in its cancel keys, unique behind one load balancer "
+                             "(set it on all or none); 0: cancel requests are not forwarded", reloadable=False)
+    peer_listen: str = option("", "host:port where other instances forward cancel requests to this one",
+                              reloadable=False)
+    peer_advertise: str = option("", "host:port others reach peer_listen at (in heartbeats); empty: peer_listen, "
+                                     "a wildcard host replaced by the host name", reloadable=False)
+    peers: dict[str, str] = option({}, "static peer addresses by peer_id, e.g. { \"2\" = \"10.0.0.2:6500\" }; "
+                                       "win over heartbeats", reloadable=False)
+    peer_secret_file: str = option("", "file with the secret (at least 32 characters, the same on every "
+                                       "instance) that authenticates forwarded cancel requests", reloadable=False)
+
+
+@dataclass
 class HttpSection:
     listen: str = option("", "host:port for /metrics, /healthz, /readyz and /admin; empty: no HTTP port",
                          reloadable=False)
@@ -326,12 +408,29 @@ class HttpSection:
 
 
 @dataclass
+class GrantsSection:
+    """[grants]: time-boxed elevation and access requests (grants.py, grants_service.py)."""
+    state_file: str = option("", "JSON file holding grants and access requests, shared by the workers and kept "
+                                 "across restarts; empty: pgproxy-grants.json beside audit.file", reloadable=False)
+    roles: list[str] = option([], "roles that may be granted or requested; empty: any role but backend.user")
+    max_duration_s: float = option(28_800.0, "longest grant or request, in seconds")
+    approver_groups: list[str] = option([], "groups whose members may approve or deny other people's access "
+                                            "requests (with their own IdP token); empty: requests are off")
+    request_timeout_s: float = option(86_400.0, "a request nobody decided lapses after this many seconds")
+    webhook_url: str = option("", "http(s) URL sent a JSON POST on each new request, decision and grant "
+                                  "(Slack-style \"text\" included); empty: none")
+    webhook_timeout_s: float = option(5.0, "seconds for one webhook POST; a failure is logged, never retried")
+
+
+@dataclass
 class Config:
     backend: BackendSection = option(REQUIRED, "the PostgreSQL server and its pool")
     auth: AuthSection = option(REQUIRED, "how clients prove who they are")
     audit: AuditSection = option(REQUIRED, "the audit trail")
     server: ServerSection = option(None, "client-facing listeners and limits")
     roles: list[RoleRule] = option([], "identity -> role rules; the first match wins")
+    access: list[AccessRule] = option([], "conditions per role or group (MFA, networks, TLS, times, "
+                                          "applications), checked at login")
     log: LogSection = option(None, "diagnostic logging")
     http: HttpSection = option(None, "metrics, health and the admin API over HTTP")
     guard: GuardSection = option(None, "the statement guard")
@@ -339,6 +438,9 @@ class Config:
     identity: IdentitySection = option(None, "signed identity settings (pgproxy.person())")
     audit_sinks: list[AuditSinkRule] = option([], "where else the audit trail goes: [[audit_sinks]] "
                                                   "(syslog, postgresql)", reloadable=False)
+    control: ControlSection = option(None, "state shared by several instances: revocations, blocks, cancel "
+                                           "forwarding")
+    grants: GrantsSection = option(None, "time-boxed elevation: grants of a role to one person, access requests")
 
     # Filled by resolve_secrets(); never part of the file.
     backend_password: str | None = field(default=None, repr=False, compare=False)
@@ -348,6 +450,8 @@ class Config:
     ldap_bind_password: str | None = field(default=None, repr=False, compare=False)
     service_accounts: dict | None = field(default=None, repr=False, compare=False)
     identity_key: bytes | None = field(default=None, repr=False, compare=False)  # signs pgproxy.signature
+    control_password: str | None = field(default=None, repr=False, compare=False)  # [control] login
+    peer_secret: bytes | None = field(default=None, repr=False, compare=False)     # [control] peer_secret_file
     client_tls: object = field(default=None, repr=False, compare=False)   # ssl.SSLContext, by load_tls()
     backend_tls: object = field(default=None, repr=False, compare=False)
 
@@ -357,6 +461,8 @@ class Config:
         self.http = self.http or HttpSection()
         self.guard = self.guard or GuardSection()
         self.identity = self.identity or IdentitySection()
+        self.control = self.control or ControlSection()
+        self.grants = self.grants or GrantsSection()
 
     def resolve_secrets(self) -> None:
         """Read secrets from their files or environment variables (the load step)."""
@@ -390,6 +496,15 @@ class Config:
                 self.identity_key = load_key(self.identity.signing_key_file)
             except KeyFileError as exc:
                 problems.append(f"identity.signing_key_file: {exc}")
+        control = self.control
+        if control.database:
+            self.control_password = _read_secret(control.password_file, control.password_env, "control.password",
+                                                 problems)
+        if control.peer_secret_file:
+            secret = _read_secret(control.peer_secret_file, "", "control.peer_secret", problems)
+            if secret is not None and len(secret) < 32:
+                problems.append("control.peer_secret_file: use a secret of at least 32 characters")
+            self.peer_secret = secret.encode() if secret else None
         if problems:
             raise ConfigError(problems)
 
@@ -514,6 +629,7 @@ def _check_rules(cfg: Config, problems: list[str]) -> None:
             parse_listen(entry)
         except ValueError as exc:
             problems.append(f"server.listen[{i}]: {exc}")
+    _check_proxy_protocol(cfg.server, problems)
     positive = [("server.max_clients", cfg.server.max_clients), ("server.max_message_size", cfg.server.max_message_size),
                 ("backend.pool_size", cfg.backend.pool_size), ("backend.connect_timeout_s", cfg.backend.connect_timeout_s),
                 ("backend.acquire_timeout_s", cfg.backend.acquire_timeout_s),
@@ -534,6 +650,9 @@ def _check_rules(cfg: Config, problems: list[str]) -> None:
     _check_tls(cfg, problems)
     from pgproxy.audit_sinks import check_rules as _check_audit_sinks  # the sinks' own rules
     _check_audit_sinks(cfg.audit_sinks, problems)
+    _check_grants(cfg, problems)
+    from pgproxy.control_plane import check_rules as _check_control  # [control]'s own rules
+    _check_control(cfg, problems)
     seen_roles = set()
     for i, policy in enumerate(cfg.policies):
         if policy.role in seen_roles:
@@ -578,12 +697,58 @@ def _check_rules(cfg: Config, problems: list[str]) -> None:
         _check_role_template(rule.role, f"roles[{i}].role", problems)
     if cfg.auth.default_role:
         _check_role_template(cfg.auth.default_role, "auth.default_role", problems)
+    from pgproxy.policy.access import check_rules as _check_access  # the conditions' own rules
+    _check_access(cfg.access, cfg.backend.user, problems)
+    if cfg.auth.on_token_expiry not in ("end", "end_after_transaction"):
+        problems.append("auth.on_token_expiry: must be end or end_after_transaction")
     _check_auth_methods(cfg, problems)
     _check_audit(cfg.audit, problems)
     if cfg.log.level not in ("debug", "info", "warning", "error"):
         problems.append("log.level: must be debug, info, warning or error")
     if cfg.log.format not in ("logfmt", "json"):
         problems.append("log.format: must be logfmt or json")
+
+
+def _check_proxy_protocol(server: ServerSection, problems: list[str]) -> None:
+    """A PROXY listener names a port of server.listen (a typo would leave the real port
+    open to anyone claiming any address) and comes with the balancers it trusts."""
+    ports = set()
+    for entry in server.listen:
+        try:
+            ports.add(str(parse_listen(entry)[1]))
+        except ValueError:
+            pass  # reported with server.listen
+    for i, name in enumerate(server.proxy_protocol_listeners):
+        if not (name.isdigit() and 0 < int(name) < 65536):
+            problems.append(f"server.proxy_protocol_listeners[{i}]: a port number (\"6440\"); the Unix socket "
+                            "cannot take PROXY headers")
+        elif name not in ports:
+            problems.append(f"server.proxy_protocol_listeners[{i}]: port {name} is not in server.listen")
+    for i, network in enumerate(server.trusted_proxies):
+        try:
+            ipaddress.ip_network(network, strict=False)
+        except ValueError:
+            problems.append(f"server.trusted_proxies[{i}]: not an address or network: {network!r}")
+    if server.proxy_protocol_listeners and not server.trusted_proxies:
+        problems.append("server.trusted_proxies: list the load balancers' addresses (proxy_protocol_listeners "
+                        "is set)")
+
+
+def _check_grants(cfg: Config, problems: list[str]) -> None:
+    grants = cfg.grants
+    if not 0 < grants.max_duration_s <= 30 * 86_400:
+        problems.append("grants.max_duration_s: must be greater than zero and at most 30 days (2592000)")
+    if not 0 < grants.request_timeout_s <= 30 * 86_400:
+        problems.append("grants.request_timeout_s: must be greater than zero and at most 30 days (2592000)")
+    if not 0 < grants.webhook_timeout_s <= 60:
+        problems.append("grants.webhook_timeout_s: must be greater than zero and at most 60")
+    if grants.webhook_url and not grants.webhook_url.startswith(("https://", "http://")):
+        problems.append("grants.webhook_url: must be an http(s) URL")
+    if cfg.backend is not None and cfg.backend.user in grants.roles:
+        problems.append("grants.roles: the pool role (backend.user) cannot be granted")
+    for i, role in enumerate(grants.roles):
+        if not role or len(role) > 63 or "{" in role:
+            problems.append(f"grants.roles[{i}]: a role name (1-63 characters, no placeholder)")
 
 
 def _check_tls(cfg: Config, problems: list[str]) -> None:
@@ -688,10 +853,18 @@ def _check_ldap(ldap: LdapSection, problems: list[str]) -> None:
             problems.append(f"{where}.urls[{i}]: must start with ldap:// or ldaps://")
         elif url.startswith("ldaps://") and ldap.start_tls:
             problems.append(f"{where}.urls[{i}]: ldaps:// is TLS already; start_tls is for ldap://")
-    search_mode = bool(ldap.search_base or ldap.bind_dn)
+    # bind_dn alone goes with user_dn_template only to re-validate sessions (revalidate_s)
+    search_mode = bool(ldap.search_base or (ldap.bind_dn and not (ldap.user_dn_template and ldap.revalidate_s)))
     if bool(ldap.user_dn_template) == search_mode:
         problems.append(f"{where}: set user_dn_template (simple bind) or search_base and bind_dn (search then "
                         "bind), not both")
+    if ldap.revalidate_s < 0 or ldap.revalidate_grace_s < 0:
+        problems.append(f"{where}: revalidate_s and revalidate_grace_s must not be negative")
+    elif ldap.revalidate_s and not ldap.bind_dn:
+        problems.append(f"{where}.revalidate_s: needs bind_dn (the service account reads the entries of open "
+                        "sessions; their passwords are not kept)")
+    elif ldap.revalidate_s and ldap.user_dn_template and not (ldap.bind_password_file or ldap.bind_password_env):
+        problems.append(f"{where}: bind_dn needs bind_password_file or bind_password_env")
     if ldap.user_dn_template and "{username}" not in ldap.user_dn_template:
         problems.append(f"{where}.user_dn_template: must contain {{username}}")
     if search_mode:

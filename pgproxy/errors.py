@@ -114,3 +114,10 @@ def shutting_down() -> ProxyFailure:
 def terminated_by_operator() -> ProxyFailure:
     return ProxyFailure("terminating connection due to administrator command", sqlstate="57P01",
                         severity="FATAL", log_detail="terminated by an operator (admin API)")
+
+
+def proxy_protocol_refused(reason: str) -> ClientError:
+    """A server.proxy_protocol_listeners port: no valid PROXY header, or not from a trusted
+    balancer. One message for every case: which balancers are trusted is not the client's to learn."""
+    return ClientError("this port accepts connections only through a trusted load balancer (PROXY protocol)",
+                       sqlstate="08P01", severity="FATAL", log_detail=reason)

@@ -14,9 +14,25 @@ whichever worker gets a request gathers the answer from all of them.
                                        end every session of U now (57P01), optionally
                                        refusing U's logins for N seconds; audited
     POST /admin/unblock?user=U         lift such a block
+    POST /admin/revoke?person=P|subject=S|jti=J&for=10m[&reason=...]
+                                       end the matching sessions and refuse their logins
+                                       until then, on every instance (control_admin.py)
+    GET  /admin/revocations            active revocations and blocks, control database state
+    POST /admin/unrevoke?id=ID|person=P|subject=S|jti=J
+                                       lift a revocation early
+    GET  /admin/grants[?all=1]         grants in force and requests waiting (grants_service.py)
+    POST /admin/grants?user=U&role=R&for=1h&reason=...[&approver=A]
+                                       grant R to U alone for that long; audited
+    POST /admin/grants/end?id=G        end a grant early (its sessions end); audited
+    GET  /access/requests              a person's own requests (an approver's: all waiting)
+    POST /access/requests?role=R&for=1h&reason=...
+                                       a person asks for R; an approver decides with
+    POST /access/requests/approve?id=X   or /deny?id=X[&reason=...]
 
 /admin needs ``Authorization: Bearer <http.admin_token>`` and, unless
 ``http.admin_remote``, a loopback client. Without a configured token /admin is off.
+/access needs the person's own IdP token (``Authorization: Bearer <token>``, validated by
+[auth.jwt]) from an address in server.plaintext_networks: this port has no TLS.
 """
 
 from __future__ import annotations
@@ -36,8 +52,8 @@ log = logging.getLogger("pgproxy.http")
 MAX_HEAD_BYTES = 8192
 READ_TIMEOUT_S = 5.0
 MAX_BLOCK_S = 7 * 24 * 3600
-_REASONS = {200: "OK", 400: "Bad Request", 401: "Unauthorized", 403: "Forbidden", 404: "Not Found",
-            405: "Method Not Allowed", 503: "Service Unavailable"}
+_REASONS = {200: "OK", 202: "Accepted", 400: "Bad Request", 401: "Unauthorized", 403: "Forbidden", 404: "Not Found",
+            405: "Method Not Allowed", 409: "Conflict", 503: "Service Unavailable"}
 
 
 async def start(server) -> asyncio.AbstractServer:
@@ -98,6 +114,15 @@ class HttpApi:
                 log.warning("admin request refused", extra={"client": client, "path": path, "reason": refusal[1]})
                 return refusal[0], "application/json", _json({"error": refusal[1]})
             return await self._admin(method, path, query, client)
+        if path == "/access/requests" or path.startswith("/access/requests/"):
+            # People, with their own IdP token (not the admin token): grants_service.py
+            from pgproxy.grants import Refused
+            from pgproxy.grants_service import access_route
+            try:
+                status, answer = await access_route(self.server, method, path, query, headers, client)
+            except Refused as exc:
+                status, answer = exc.status, {"error": exc.message}
+            return status, "application/json", _json(answer)
         return 404, "text/plain", b"not found\n"
 
     def _admin_refusal(self, headers: dict, client: str) -> tuple[int, str] | None:
@@ -113,6 +138,15 @@ class HttpApi:
 
     async def _admin(self, method: str, path: str, query: dict, client: str) -> tuple[int, str, bytes]:
         server = self.server
+        if path == "/admin/grants" or path.startswith("/admin/grants/"):  # grants_service.py
+            from pgproxy.grants import Refused
+            from pgproxy.grants_service import admin_route
+            try:
+                routed = await admin_route(server, method, path, query, client)
+            except Refused as exc:
+                routed = exc.status, {"error": exc.message}
+            if routed is not None:
+                return routed[0], "application/json", _json(routed[1])
         if method == "GET" and path == "/admin/sessions":
             answers = await server.gather({"op": "sessions", "user": query.get("user", "")})
             return 200, "application/json", _json([s for a in answers if a for s in a["sessions"]])
@@ -128,15 +162,12 @@ class HttpApi:
             if not user or not 0 <= block_s <= MAX_BLOCK_S:
                 return 400, "application/json", _json({"error": f"give user=NAME and 0 <= block_s <= {MAX_BLOCK_S}"})
             op = "terminate" if path == "/admin/terminate" else "unblock"
-            answers = await server.gather({"op": op, "user": user, "block_s": block_s})
-            result = {"user": user, "sessions_ended": sum(a["ended"] for a in answers if a),
-                      "workers": len(answers), "workers_unreachable": sum(a is None for a in answers)}
-            if op == "terminate":
-                result["blocked_s"] = block_s
-            server.audit.event(f"admin_{op}", target_user=user, client=client,
-                               **{k: v for k, v in result.items() if k != "user"})
-            log.warning(f"admin {op}", extra={"target_user": user, "client": client, **result})
-            return (200 if not result["workers_unreachable"] else 503), "application/json", _json(result)
+            # On every worker and, with [control] database, every instance; audited (control_admin.py).
+            from pgproxy.control_admin import admin_terminate
+            return await admin_terminate(server, op, user, block_s, client)
+        from pgproxy import control_admin
+        if path in control_admin.ROUTES:  # /admin/revoke, /admin/unrevoke, /admin/revocations
+            return await control_admin.handle_admin(server, method, path, query, client)
         if path in ("/admin/sessions", "/admin/pools", "/admin/terminate", "/admin/unblock"):
             return 405, "application/json", _json({"error": f"{method} is not allowed here"})
         return 404, "application/json", _json({"error": "no such admin resource"})

@@ -49,11 +49,40 @@ SERIES: dict[str, tuple] = {
     "pgproxy_directory_request_seconds": ("histogram", "LDAP login time (bind, entry and group reads), by result",
                                           ("result",), DIRECTORY_BUCKETS),
     "pgproxy_admin_terminations": ("counter", "sessions ended by an operator through the admin API", ()),
+    "pgproxy_revocations_active": ("gauge", "revocations and blocks in force, by kind (block, person, subject, "
+                                            "jti), as worker 0 knows them", ("kind",)),
     "pgproxy_pins": ("counter", "transaction-pooled clients pinned to a backend connection by session state, "
                                 "by reason and result (pinned or refused)", ("reason", "result")),
+    "pgproxy_access_denials": ("counter", "roles an [[access]] rule did not admit at login, by unmet condition "
+                                          "and result (refused, or lowered to a fallback role)",
+                               ("condition", "result")),
+    "pgproxy_sessions_ended": ("counter", "sessions ended because their credential ended (token_expired, "
+                                          "account_locked, account_disabled, account_removed, account_denied, "
+                                          "group_removed, directory_unavailable)", ("cause",)),
+    "pgproxy_sessions_by_credential_end": ("gauge", "logged-in sessions by when their credential ends them "
+                                                    "(within 5m, 1h, 24h, later, never)", ("within",)),
+    "pgproxy_directory_revalidations": ("counter", "re-checks of a person's directory entry for their open "
+                                                   "sessions, by result (ok, locked, disabled, removed, denied, "
+                                                   "unavailable)", ("result",)),
     "pgproxy_identity_switches": ("counter", "backend connections switched to another client's identity "
                                              "(person) or settings (settings)", ("kind",)),
+    "pgproxy_grants_active": ("gauge", "time-boxed grants of a role in force now", ()),
+    "pgproxy_grant_sessions": ("gauge", "client sessions running under a granted role", ()),
+    "pgproxy_access_requests_pending": ("gauge", "access requests waiting for an approver", ()),
+    "pgproxy_grants": ("counter", "time-boxed grants by event: granted, ended (early, by an operator), expired",
+                       ("event",)),
+    "pgproxy_access_requests": ("counter", "access requests by result: filed, approved, denied, lapsed, refused "
+                                           "(a rule said no: self-approval, not an approver, ...)", ("result",)),
+    "pgproxy_grant_sessions_ended": ("counter", "sessions ended because the grant they logged in under ended", ()),
 }
+GRANT_EVENTS = ("granted", "ended", "expired")
+REQUEST_RESULTS = ("filed", "approved", "denied", "lapsed", "refused")
+# the label values of the credential series (policy/access.py MESSAGES, revalidation.py)
+SESSION_END_CAUSES = ("token_expired", "account_locked", "account_disabled", "account_removed", "account_denied",
+                      "group_removed", "directory_unavailable")
+ACCESS_CONDITIONS = ("tls", "client_certificate", "network", "amr", "acr", "auth_age", "time", "application",
+                     "client_id")
+REVALIDATION_RESULTS = ("ok", "locked", "disabled", "removed", "denied", "unavailable")
 
 # With the guard off there is no parse: the first keyword decides the class (pgaudit's
 # names), so statements that start with WITH or EXPLAIN count as READ even when they write.
@@ -96,6 +125,13 @@ class Metrics:
 
     def __init__(self) -> None:
         self.counters: dict[tuple, int] = {("pgproxy_admin_terminations",): 0}  # (series, *labels) -> count
+        # declared counters show from the start, so rate() and alerts see them before the first event
+        self.counters.update({("pgproxy_grant_sessions_ended",): 0,
+                              **{("pgproxy_grants", e): 0 for e in GRANT_EVENTS},
+                              **{("pgproxy_access_requests", r): 0 for r in REQUEST_RESULTS}})
+        self.counters.update({**{("pgproxy_sessions_ended", c): 0 for c in SESSION_END_CAUSES},
+                              **{("pgproxy_access_denials", c, "refused"): 0 for c in ACCESS_CONDITIONS},
+                              **{("pgproxy_directory_revalidations", r): 0 for r in REVALIDATION_RESULTS}})
         self.histograms: dict[tuple, Histogram] = {}
         self._classes: dict[str, str] = {}           # statement text -> class
         self._durations: dict[str, Histogram] = {}   # class -> its duration histogram

@@ -34,14 +34,18 @@ from pgproxy.auth.jwt import JwtAuthenticator, looks_like_jwt
 from pgproxy.backend.connection import open_connection, send_cancel
 from pgproxy.backend.pool import Pool
 from pgproxy.config import HMAC_ALGORITHMS, Config, parse_listen, restart_only_changes
-from pgproxy.errors import AuthUnavailable, PgProxyError, auth_failed, blocked_by_operator, shutting_down, terminated_by_operator
+from pgproxy.errors import AuthUnavailable, PgProxyError, auth_failed, shutting_down, terminated_by_operator
 from pgproxy.errors import backend_unavailable
 from pgproxy import signed_identity
 from pgproxy.frontend.session import ClientSession
 from pgproxy.frontend.startup import text_array
+from pgproxy.grants import in_force_for
 from pgproxy.metrics import Metrics
 from pgproxy.notify import sd_notify
 from pgproxy.protocol.messages import MAX_CANCEL_KEY, MIN_CANCEL_KEY
+from pgproxy.control_plane import ControlPlane
+from pgproxy.peering import Peering, cancel_owner, cancel_pid
+from pgproxy.roles import map_role
 from pgproxy.supervisor import StartupError, bind_failure, cancel_socket_name
 
 log = logging.getLogger("pgproxy.server")
@@ -50,7 +54,6 @@ JANITOR_INTERVAL_S = 1.0
 READY_CACHE_S = 5.0  # /readyz logs in to PostgreSQL at most this often
 
 
-CANCEL_OWNER_SHIFT = 24  # with several workers, a cancel key's top bits name its worker
 LONG_CANCEL_KEY = 32     # bytes of secret for protocol 3.2 clients (3.0 clients: 4)
 # The Unix-socket listener, bound by the supervisor before it forks (workers inherit it).
 inherited_unix_socket: socket.socket | None = None
@@ -120,10 +123,16 @@ class ProxyServer:
         self._janitor: asyncio.Task | None = None
         self._services: list[asyncio.AbstractServer] = []  # control channel and HTTP port
         self.addresses: list[tuple[str, int]] = []
-        self._blocked: dict[str, float] = {}  # user -> monotonic time until which logins are refused
+        # Revocations and blocks (this worker's copy, shared through [control]) and cancel peering.
+        self.control_plane = ControlPlane(self)
+        self.peering = Peering(self)
         self._backend_ok_at = float("-inf")
         self._owns_unix_socket = False
         self._policies: dict[str, tuple] = {}  # role -> policy_for(role), for this configuration
+        from pgproxy.grants_service import GrantService
+        self.grants = GrantService(self)  # time-boxed elevation (grants.py)
+        from pgproxy.revalidation import Revalidator
+        self.revalidator = Revalidator(self)  # sessions end when their credential does
         _warn_if_unguarded(cfg)
 
     # --- what sessions ask of the server ---------------------------------------------
@@ -139,6 +148,7 @@ class ProxyServer:
 
     def forget(self, session: ClientSession) -> None:
         self._sessions.discard(session)
+        self.grants.detach(session)
         if session.cancel_key is not None:
             self._cancel_keys.pop(session.cancel_key[0], None)
 
@@ -183,8 +193,9 @@ class ProxyServer:
             if authenticator is None:
                 raise auth_failed(user, f'no authenticator serves database "{database}" for this credential')
             identity = await authenticator.authenticate(user, secret)
-            if self.is_blocked(user) or self.is_blocked(identity.username):
-                raise blocked_by_operator(user)
+            refusal = self.control_plane.login_refusal(user, identity)  # blocks, revocations (control_plane.py)
+            if refusal is not None:
+                raise refusal
         except PgProxyError as exc:
             result = "unavailable" if isinstance(exc, AuthUnavailable) else \
                 {"28P01": "failed", "28000": "refused"}.get(exc.sqlstate, "unavailable")
@@ -193,12 +204,21 @@ class ProxyServer:
         self.metrics.count("pgproxy_auth_attempts", method, "ok")
         return identity
 
+    def role_for(self, identity, session=None) -> str | None:
+        """The role ``identity`` maps to: a grant in force for the person, else [[roles]]
+        (roles.map_role). A session that takes a granted role is remembered, so that it
+        ends when the grant does (grants_service.py)."""
+        now = time.time()
+        grants = self.grants.of(identity.username)
+        role = map_role(identity, self.cfg.roles, self.cfg.auth.default_role, grants, now)
+        granted = in_force_for(grants, identity.username, now) if not identity.role else None
+        if granted is not None and session is not None and role == granted.role:
+            self.grants.attach(session, granted)
+        return role
+
     def is_blocked(self, user: str) -> bool:
-        until = self._blocked.get(user)
-        if until is not None and until <= time.monotonic():
-            del self._blocked[user]
-            return False
-        return until is not None
+        """Blocked or revoked: an active entry names this user name (control_plane.py)."""
+        return self.control_plane.blocked(user)
 
     def pool_for(self, database: str, role: str) -> Pool:
         """The pool a session of ``role`` takes its connections from. login = pool_role: one
@@ -269,21 +289,22 @@ class ProxyServer:
         session (with several workers its top bits name the worker that owns it); the secret
         is 4 random bytes for protocol 3.0 clients and 32 for 3.2 clients, which accept keys
         of up to 256 bytes."""
-        while True:
-            if self.multi_worker:
-                pid = (self.worker_index << CANCEL_OWNER_SHIFT) | (secrets.randbelow((1 << CANCEL_OWNER_SHIFT) - 1) + 1)
-            else:
-                pid = secrets.randbelow(2**31 - 1) + 1
-            if pid not in self._cancel_keys:
-                break
+        # With control.peer_id its top bits also name this instance (peering.py).
+        pid = cancel_pid(self.cfg.control.peer_id, self.worker_index, self.multi_worker, self._cancel_keys)
         self._cancel_keys[pid] = session
         long_keys = getattr(session, "protocol_minor", 0) >= 2
         return pid, secrets.token_bytes(LONG_CANCEL_KEY if long_keys else 4)
 
-    def cancel(self, pid: int, key: bytes, peer: str) -> None:
+    def cancel(self, pid: int, key: bytes, peer: str, from_peer: bool = False) -> None:
         """A CancelRequest (any key length, 4 to 256 bytes): forwarded to PostgreSQL for the
-        session it names if the key matches; unknown keys are ignored, as PostgreSQL does."""
-        owner = pid >> CANCEL_OWNER_SHIFT
+        session it names if the key matches; unknown keys are ignored, as PostgreSQL does.
+        A key of another instance goes to that instance (peering.py), never onwards again
+        when it came from a peer (``from_peer``)."""
+        instance, owner = cancel_owner(pid, self.cfg.control.peer_id)
+        if instance != self.cfg.control.peer_id:
+            if not from_peer and instance > 0:
+                self.peering.forward(instance, pid, key)
+            return
         if self.multi_worker and owner != self.worker_index:
             if 0 <= owner < self.cfg.server.workers:
                 self._forward_cancel(owner, pid, key)
@@ -320,7 +341,8 @@ class ProxyServer:
                 return
             if 4 + MIN_CANCEL_KEY <= len(data) <= 4 + MAX_CANCEL_KEY:
                 (pid,) = struct.unpack_from("!i", data)
-                if pid >> CANCEL_OWNER_SHIFT == self.worker_index:  # never bounce a key onwards
+                if cancel_owner(pid, self.cfg.control.peer_id) == (self.cfg.control.peer_id, self.worker_index):
+                    # (never bounce a key onwards)
                     self.cancel(pid, data[4:], "another worker")
 
     def reload(self, new: Config) -> list[str]:
@@ -382,15 +404,22 @@ class ProxyServer:
         if op == "pools":
             return {"pools": [{"worker": self.worker_index, **p.statistics()} for p in self._pools.values()]}
         if op == "terminate":
-            return {"ended": self.terminate(str(request["user"]), float(request.get("block_s", 0)))}
+            return {"ended": self.terminate(str(request["user"]), float(request.get("block_s", 0)),
+                                            request.get("block"), bool(request.get("pending")))}
+        if op in ControlPlane.OPS:  # revoke, unrevoke
+            return await self.control_plane.control(request)
+        if op == "grants_sync":
+            return self.grants.sync(request.get("records") or [])
         if op == "unblock":
-            return {"ended": 0, "unblocked": self._blocked.pop(str(request["user"]), None) is not None}
+            lifted = self.control_plane.revocations.lift("block", str(request["user"]))
+            return {"ended": 0, "unblocked": bool(lifted)}
         return {"error": f"unknown op {op!r}"}
 
-    def terminate(self, user: str, block_s: float = 0.0) -> int:
-        """End every session of ``user`` now (57P01); refuse their logins for ``block_s``."""
-        if block_s > 0:
-            self._blocked[user] = time.monotonic() + block_s
+    def terminate(self, user: str, block_s: float = 0.0, block: dict | None = None, pending: bool = False) -> int:
+        """End every session of ``user`` now (57P01); refuse their logins for ``block_s``
+        (``block``: that block as the admin API made it, the same on every worker)."""
+        if block is not None or block_s > 0:
+            self.control_plane.block_here(user, block_s, block, pending)
         victims = [s for s in self._sessions if s.user == user]
         for session in victims:
             session.end(terminated_by_operator())
@@ -404,6 +433,9 @@ class ProxyServer:
                 "since": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(session.connected_at)),
                 "state": session.activity, "backend_pid": session.backend.pid if session.backend else None,
                 "pool_mode": "transaction" if session.relay else "session",
+                # when the credential ends the session (a token's exp + leeway); None: it does not expire
+                "credential_ends": _iso(session.credential_ends_at),
+                **self.grants.describe(session),  # grant, grant_ends: a session under a granted role
                 "pinned": session.relay.pinned if session.relay else ""}
 
     def _metrics_snapshot(self) -> dict:
@@ -412,6 +444,9 @@ class ProxyServer:
             clients[session.activity] = clients.get(session.activity, 0) + 1
         gauges = [["pgproxy_client_connections", [state], n] for state, n in clients.items()]
         gauges.append(["pgproxy_audit_queue_depth", [], self.audit.depth])
+        gauges += _credential_ends(self._sessions, time.time())
+        gauges += self.grants.gauges(time.time())
+        gauges += self.control_plane.gauges()
         counters = [["pgproxy_audit_records", [], self.audit.records_written],
                     ["pgproxy_audit_write_errors", [], self.audit.write_errors]]
         histograms = []
@@ -450,12 +485,14 @@ class ProxyServer:
                 log.warning("readiness: cannot log in to PostgreSQL", extra={"role": cfg.user,
                                                                              "reason": exc.log_detail})
                 problems.append("cannot log in to PostgreSQL")
+        problems += self.control_plane.readiness_problems()
         return problems
 
     # --- lifecycle ---------------------------------------------------------------------
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
+        await self.control_plane.start()  # known revocations hold before the first login
         for entry in self.cfg.server.listen:
             host, port = parse_listen(entry)
             # SO_REUSEADDR: a restart need not wait for the last run's TIME_WAIT connections.
@@ -479,6 +516,9 @@ class ProxyServer:
         if self.cfg.http.listen:
             from pgproxy import http_api
             self._services.append(await http_api.start(self))
+        peer_port = await self.peering.serve()  # control.peer_listen: cancels forwarded by other instances
+        if peer_port is not None:
+            self._services.append(peer_port)
         if self.jwt is not None:  # warm the key cache so the first login and /readyz need not wait
             loop.create_task(self.jwt.keys.ensure_loaded())
         if self.multi_worker:
@@ -501,6 +541,18 @@ class ProxyServer:
                     pool.janitor_tick()
                 except Exception:
                     log.exception("janitor failed on a pool", extra={"database": pool.database})
+            try:
+                self.revalidator.tick(time.monotonic())
+            except Exception:
+                log.exception("janitor failed on credential expiry")
+            try:
+                self.grants.tick(time.time())  # sessions under a grant that ended end now
+            except Exception:
+                log.exception("janitor failed on grants")
+            try:
+                self.control_plane.janitor_tick()  # expired revocations and blocks
+            except Exception:
+                log.exception("janitor failed on revocations")
             idle_in_transaction_s = self.cfg.backend.idle_in_transaction_timeout_s
             if idle_in_transaction_s:
                 now = time.monotonic()
@@ -526,6 +578,9 @@ class ProxyServer:
         await asyncio.sleep(0)  # let connection_lost run for what we just closed
         if self._janitor:
             self._janitor.cancel()
+        self.revalidator.stop()
+        await self.grants.close()
+        await self.control_plane.stop()
         if self._cancel_inbox is not None:
             loop.remove_reader(self._cancel_inbox.fileno())
             self._cancel_inbox.close()
@@ -535,6 +590,25 @@ class ProxyServer:
             self.ldap.close()
         self.audit.close()
         log.info("stopped")
+
+
+def _iso(t: float) -> str | None:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t)) if t != float("inf") else None
+
+
+CREDENTIAL_HORIZONS = ((300, "5m"), (3600, "1h"), (86_400, "24h"))
+
+
+def _credential_ends(sessions, now: float) -> list:
+    """Logged-in sessions by when their credential ends them: within 5m, 1h, 24h, later, or never."""
+    counts = dict.fromkeys([label for _, label in CREDENTIAL_HORIZONS] + ["later", "never"], 0)
+    for session in sessions:
+        if session.logged_in:
+            left = session.credential_ends_at - now
+            label = "never" if left == float("inf") else next(
+                (name for horizon, name in CREDENTIAL_HORIZONS if left <= horizon), "later")
+            counts[label] += 1
+    return [["pgproxy_sessions_by_credential_end", [label], n] for label, n in counts.items()]
 
 
 def _warn_if_unguarded(cfg: Config) -> None:

@@ -232,7 +232,8 @@ def check_startup(cfg: Config) -> None:
     """
     seen: dict[tuple, tuple[str, str]] = {}  # socket address -> (option, entry)
     for key, entry in [("server.listen", e) for e in cfg.server.listen] + \
-            ([("http.listen", cfg.http.listen)] if cfg.http.listen else []):
+            ([("http.listen", cfg.http.listen)] if cfg.http.listen else []) + \
+            ([("control.peer_listen", cfg.control.peer_listen)] if cfg.control.peer_listen else []):
         for sockaddr in probe_listen_address(key, entry):
             if sockaddr in seen:
                 first_key, first = seen[sockaddr]

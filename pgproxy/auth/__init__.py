@@ -30,6 +30,13 @@ class Identity:
     # as the subjects that act, outermost first.
     client_id: str = ""
     actors: tuple[str, ...] = ()
+    # How strongly the person signed in, for [[access]] conditions (policy/access.py): the
+    # token's 'amr' (RFC 8176 methods), 'acr' and 'auth_time' (seconds since 1970). A
+    # directory or service-account login has none of them.
+    amr: tuple[str, ...] = ()
+    acr: str = ""
+    auth_time: float | None = None
+    token_id: str = ""       # the token's 'jti', for revocation by token id (revocations.py)
 
 
 def canonical_username(startup: str, canonical: object, case_insensitive: bool, source: str) -> str:

@@ -311,9 +311,36 @@ class JwtAuthenticator:
             raw_groups = [raw_groups]
         groups = tuple(g for g in raw_groups if isinstance(g, str)) if isinstance(raw_groups, list) else ()
         client_id = claims.get("azp") or claims.get("client_id") or ""
+        amr, acr, auth_time = sign_in_strength(claims)
         return Identity(username=username, subject=str(claims.get("sub", "")), issuer=str(claims.get("iss", "")),
                         groups=groups, auth_method=self.method, expires_at=float(claims["exp"]),
-                        client_id=client_id if isinstance(client_id, str) else "", actors=_actors(claims.get("act")))
+                        client_id=client_id if isinstance(client_id, str) else "", actors=_actors(claims.get("act")),
+                        amr=amr, acr=acr, auth_time=auth_time, token_id=_token_id(claims.get("jti")))
+
+
+MAX_AMR_VALUES = 16
+MAX_CLAIM_TEXT = 256
+
+
+def sign_in_strength(claims: dict) -> tuple[tuple[str, ...], str, float | None]:
+    """The token's 'amr' (a list of method names, RFC 8176), 'acr' (a string) and
+    'auth_time' (a NumericDate), for [[access]] conditions. A claim of the wrong shape
+    counts as absent, so a condition that needs it is not met (fail closed); values are
+    bounded so a token cannot make the identity large."""
+    raw_amr = claims.get("amr")
+    amr = tuple(v for v in raw_amr[:MAX_AMR_VALUES] if isinstance(v, str) and len(v) <= MAX_CLAIM_TEXT) \
+        if isinstance(raw_amr, list) else ()
+    acr = claims.get("acr")
+    acr = acr if isinstance(acr, str) and len(acr) <= MAX_CLAIM_TEXT else ""
+    auth_time = claims.get("auth_time")
+    # type(), not isinstance: true is no time; the range also refuses NaN and infinities
+    auth_time = float(auth_time) if type(auth_time) in (int, float) and 0 <= auth_time < MAX_TIMESTAMP else None
+    return amr, acr, auth_time
+
+
+def _token_id(jti) -> str:
+    """'jti' as text when it is a usable one (a string of at most 512 characters), else ''."""
+    return jti if isinstance(jti, str) and len(jti) <= 512 else ""
 
 
 def _actors(act, depth: int = 0) -> tuple[str, ...]:

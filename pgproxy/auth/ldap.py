@@ -19,6 +19,11 @@ and templates filled in one pass; no server reachable means "authentication serv
 unavailable". The client hears only that authentication failed; the reason goes to the
 log, the password nowhere.
 
+Open sessions are re-validated (``revalidate``, every ``revalidate_s``, driven by
+pgproxy/revalidation.py): the service account reads the session's entry again, which must
+still exist, name the same user, be neither disabled, locked nor denied, and its groups
+are read anew; the caller ends the sessions that fail.
+
 ldap3 blocks, so directory work runs in a bounded thread pool. Successful logins are
 cached ``cache_ttl_s`` (≤ 60 s) under an HMAC of the startup user name and password with a
 per-process key, only once that spelling passed the user-name check (which runs again on
@@ -41,6 +46,7 @@ import threading
 import time
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 
 import ldap3
 from ldap3.core.exceptions import LDAPException, LDAPSocketOpenError, LDAPStartTLSError
@@ -59,6 +65,7 @@ CACHE_SIZE = 10_000
 NESTING_DEPTH = 8
 ACCOUNTDISABLE = 0x2
 INVALID_CREDENTIALS = 49
+NO_SUCH_OBJECT = 32
 _STATE_ATTRIBUTES = ["memberOf", "userAccountControl", "pwdAccountLockedTime"]
 _PLACEHOLDER = re.compile(r"\{(username|dn)\}")
 NO_MATCH = r"\00"  # an escaped NUL byte: a filter value no user name or DN equals
@@ -66,6 +73,15 @@ NO_MATCH = r"\00"  # an escaped NUL byte: a filter value no user name or DN equa
 
 class DirectoryDown(Exception):
     """No configured server could be used."""
+
+
+@dataclass(frozen=True, slots=True)
+class Standing:
+    """A re-validated account: state "ok" (with its groups now), or "removed", "locked",
+    "disabled" or "denied" with the reason (for the log)."""
+    state: str
+    detail: str = ""
+    groups: tuple[str, ...] = ()
 
 
 class LdapAuthenticator:
@@ -205,16 +221,67 @@ class LdapAuthenticator:
             return str(found[0].get("dn") or dn), values
 
     def _check_account(self, conn: ldap3.Connection | None, user: str, dn: str, entry: dict) -> None:
+        problem = self._account_problem(conn, dn, entry)
+        if problem is not None:
+            raise not_authorized(user, problem[1])
+
+    def _account_problem(self, conn: ldap3.Connection | None, dn: str, entry: dict) -> tuple[str, str] | None:
+        """Why the account may not be used — ("disabled" | "locked" | "denied", the reason) —
+        or None."""
         control = entry.get("userAccountControl") or [0]
         if int(control[0]) & ACCOUNTDISABLE:
-            raise not_authorized(user, "the directory account is disabled (userAccountControl)")
+            return "disabled", "the directory account is disabled (userAccountControl)"
         if entry.get("pwdAccountLockedTime"):
-            raise not_authorized(user, "the directory account is locked (pwdAccountLockedTime)")
+            return "locked", "the directory account is locked (pwdAccountLockedTime)"
         if self._cfg.deny_filter:
             with self._service(conn) as reader:
                 reader.search(dn, self._cfg.deny_filter, ldap3.BASE, attributes=[])
                 if reader.entries:
-                    raise not_authorized(user, "the directory account matches auth.ldap.deny_filter")
+                    return "denied", "the directory account matches auth.ldap.deny_filter"
+        return None
+
+    # --- re-validation of open sessions (auth.ldap.revalidate_s) -------------------
+
+    async def revalidate(self, identity: Identity) -> Standing:
+        """How a directory session's account stands now, read as the service account
+        (bind_dn; the user's password is not kept). Raises AuthUnavailable when the
+        directory cannot be asked; the caller decides (revalidate_grace_s)."""
+        return await asyncio.get_running_loop().run_in_executor(self._executor, self._standing, identity)
+
+    def _standing(self, identity: Identity) -> Standing:
+        cfg, dn = self._cfg, identity.subject
+        try:
+            with self._service() as reader:
+                attributes = [*_STATE_ATTRIBUTES, cfg.username_attribute]
+                if not reader.search(dn, "(objectClass=*)", ldap3.BASE, attributes=attributes):
+                    if reader.result.get("result") == NO_SUCH_OBJECT:
+                        return Standing("removed", f"the directory entry {dn} no longer exists")
+                    raise DirectoryDown(f"cannot read {dn}: {reader.result.get('description')}")
+                found = [r for r in reader.response or [] if r.get("type") == "searchResEntry"]
+                if len(found) != 1:
+                    raise DirectoryDown(f"reading {dn} returned {len(found)} entries")
+                entry = {k: [v] if isinstance(v, (str, bytes)) else list(v)
+                         for k, v in found[0]["attributes"].items()}
+            try:
+                username = entry_username(entry, cfg.username_attribute, identity.username)
+            except PgProxyError as exc:
+                return Standing("removed", exc.log_detail)
+            if username != identity.username:
+                return Standing("removed", f"the entry {dn} now names {username!r}, not {identity.username!r}")
+            problem = self._account_problem(None, dn, entry)
+            if problem is not None:
+                return Standing(*problem)
+            return Standing("ok", "", tuple(self._groups(None, username, dn, entry)))
+        except DirectoryDown as exc:
+            raise auth_unavailable(f"LDAP re-validation of {dn}: {exc}") from None
+        except (LDAPException, OSError, ValueError, struct.error) as exc:
+            raise auth_unavailable(f"LDAP re-validation of {dn} failed: {type(exc).__name__}: {exc}") from None
+
+    def forget(self, subject: str) -> None:
+        """Drop the cached logins of one directory entry (it failed its re-validation), so the
+        login cache cannot let that person straight back in."""
+        for key in [k for k, (_, identity) in self._ok.items() if identity.subject == subject]:
+            del self._ok[key]
 
     def _groups(self, conn: ldap3.Connection | None, username: str, dn: str, entry: dict) -> list[str]:
         cfg = self._cfg

@@ -23,8 +23,9 @@ import ssl
 import struct
 import sys
 import time
-from collections import OrderedDict, deque
+from collections import deque
 
+from pgproxy.backend.identity import ConnectionIdentity
 from pgproxy.errors import PgProxyError, ProxyFailure, backend_unavailable
 from pgproxy.protocol import messages as msg
 from pgproxy.protocol.framing import MessageReader
@@ -47,8 +48,7 @@ class BackendState(enum.Enum):
 class BackendConnection(asyncio.Protocol):
     __slots__ = ("database", "state", "transport", "pid", "secret", "params", "txn_status", "created_at",
                  "idle_since", "close_reason", "session", "forgotten", "_reader", "_inbox", "_waiter",
-                 "state_key", "person", "prepared", "statement_counter", "switches", "unnamed_owner", "unnamed_gen",
-                 "reading_paused", "_tls_answer", "_asking_tls", "_drainer", "login_role")
+                 "identity", "reading_paused", "_tls_answer", "_asking_tls", "_drainer", "login_role")
 
     def __init__(self, database: str) -> None:
         self.database = database
@@ -61,19 +61,14 @@ class BackendConnection(asyncio.Protocol):
         self.created_at = time.monotonic()
         self.idle_since = self.created_at
         self.close_reason = ""
-        self.session = None  # the ClientSession relaying through us, when ATTACHED
+        self.session = None  # the session's Relay (or a drainer) we deliver to, when ATTACHED
         self.forgotten = False  # the pool has stopped counting this connection
         self._reader = MessageReader(CONTROL_MAX_MESSAGE)
         self._inbox: deque[tuple[int, bytes]] = deque()
         self._waiter: asyncio.Future | None = None
-        # Whose connection this is (transaction pooling keeps it between clients):
-        self.state_key = None   # the role and settings applied, as a client's key; None: unknown
-        self.person = None      # whose prepared statements these are
-        self.prepared: OrderedDict[tuple, str] = OrderedDict()  # (text, types) -> our name, LRU
-        self.statement_counter = 0
-        self.switches = 0       # identity switches so far: each carries a new nonce
-        self.unnamed_owner = None  # the client whose unnamed statement this connection holds
-        self.unnamed_gen = 0
+        # Whose connection this is (transaction pooling keeps it between clients); the
+        # session engine changes it through its methods only.
+        self.identity = ConnectionIdentity()
         self.reading_paused = False
         self._asking_tls = False  # an SSLRequest was sent; its one-byte answer is due
         self._drainer = None      # set while drain_and_close runs
@@ -246,7 +241,7 @@ class BackendConnection(asyncio.Protocol):
         cursors, temp objects, LISTEN, advisory locks. DISCARD ALL does all of these."""
         self.state = BackendState.RESETTING
         queries = ("ROLLBACK", "DISCARD ALL") if self.txn_status != b"I" else ("DISCARD ALL",)
-        self.forget_state()
+        self.identity.forget()
         await self.run(*queries)
         if self.txn_status != b"I":
             raise backend_unavailable("connection still in a transaction after reset")
@@ -274,27 +269,15 @@ class BackendConnection(asyncio.Protocol):
         except (ssl.SSLError, ssl.CertificateError, OSError) as exc:
             raise backend_unavailable(f"TLS handshake with the server failed: {exc}") from None
 
-    def forget_state(self) -> None:
-        """Nobody's connection any more (reset, or a statement that may have undone our settings)."""
-        self.state_key = None
-        self.person = None
-        self.prepared.clear()
-        self.unnamed_owner = None
-
-    def statement_name(self) -> str:
-        self.statement_counter += 1
-        return f"pgproxy_{self.statement_counter}"
-
     # --- relay mode --------------------------------------------------------------------
 
-    def attach(self, session) -> None:
-        """Hand the byte stream to a client session; anything already read goes with it."""
+    def attach(self, session) -> bytes:
+        """Hand the byte stream to a client session; returns what was already read, for it."""
         leftover = b"".join(raw for _, raw in self._inbox)
         self._inbox.clear()
         self.session = session
         self.state = BackendState.ATTACHED
-        if leftover:
-            session.server_data(leftover)
+        return leftover
 
     def detach(self) -> None:
         self.session = None
@@ -304,7 +287,9 @@ class BackendConnection(asyncio.Protocol):
         """Its client left mid-request: from now on discard the server's output, following
         message boundaries with the client's ``scanner`` (it may have stopped mid-message)."""
         self._drainer = _Drainer(scanner, owed)
-        self.attach(self._drainer)
+        leftover = self.attach(self._drainer)
+        if leftover:
+            self._drainer.server_data(leftover)
         self.resume_reading()
 
     async def drain_and_close(self, reason: str, timeout: float) -> None:

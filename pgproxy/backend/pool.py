@@ -116,9 +116,9 @@ class Pool:
         if not idle:
             return None
         index = len(idle) - 1
-        if state_key is not None and idle[index].state_key != state_key:
+        if state_key is not None and idle[index].identity.key != state_key:
             for i in range(index - 1, -1, -1):
-                if idle[i].state_key == state_key and not idle[i].broken:
+                if idle[i].identity.key == state_key and not idle[i].broken:
                     index = i
                     break
         conn = idle[index]

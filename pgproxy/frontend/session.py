@@ -6,16 +6,20 @@ States (the only transitions):
        |  (SSLRequest/GSSENCRequest: answer 'N', stay; CancelRequest: forward, close)  |
        +-----------------------------------+-----------------------+-------------------+--> CLOSED
 
-* STARTUP: untyped packets, at most 10,000 bytes each.
+* STARTUP: untyped packets, at most 10,000 bytes each. On a server.proxy_protocol_listeners
+  port the connection must first bring a PROXY header from a trusted balancer, which sets
+  the client's address (``_take_proxy_header``); without one it is refused (08P01).
 * AUTHENTICATING: we asked for a cleartext password (the token); the client sends one
   PasswordMessage and nothing else. Or, where [auth] offers OAUTHBEARER, the SASL exchange
   of auth/oauthbearer.py: one SASL message at a time; a refused token returns here from
   LOGGING_IN for the client's acknowledgement, then the session ends with 28000.
 * LOGGING_IN: reading is paused while the credential is validated, the identity mapped
-  to a role, a backend connection taken and switched to that role.
+  to a role (and admitted by that role's [[access]] conditions, ``admit_role``), a backend
+  connection taken and switched to that role.
 * READY: client messages are framed whole (bounded by ``server.max_message_size``) and
   handed to the session's ``Relay`` (frontend/relay.py), which forwards them and the
-  replies, in either pool mode, and audits every statement.
+  replies, in either pool mode, and audits every statement. Nothing passes once the
+  session's token has expired (``credential_ends_at``, see pgproxy/revalidation.py).
 
 Every exit goes through ``connection_lost``, which lets the relay hand the backend
 connection back (reused only if nothing is in flight) and logs the reason. Every error
@@ -36,13 +40,16 @@ from pgproxy.auth import oauthbearer as oauth
 from pgproxy.auth.oauthbearer import AUTH_METHOD as OAUTH_METHOD, MECHANISM as OAUTH_MECHANISM
 from pgproxy.auth.oauthbearer import OAuthBearerExchange, choose_method, discovery_url
 from pgproxy.errors import (PgProxyError, ProxyFailure, insecure_transport, no_user_name, not_authorized,
-                            protocol_violation, too_many_clients, unsupported)
+                            protocol_violation, proxy_protocol_refused, too_many_clients, unsupported)
 from pgproxy.frontend.startup import client_settings, session_settings, text_array
+from pgproxy.control_plane import instance_name
+from pgproxy.frontend.engine import POOL_MODES, Engine, Statement
 from pgproxy.frontend.relay import Relay
 from pgproxy.protocol import messages as msg
-from pgproxy.protocol import switch
 from pgproxy.protocol.framing import MessageReader, read_startup_packet
-from pgproxy.roles import map_role
+from pgproxy.protocol.proxy_header import ProxyHeaderError, from_trusted_proxy, parse_proxy_header
+from pgproxy.policy.access import Context, access_refused, token_expired
+from pgproxy.roles import admit_role
 from pgproxy.tls import certificate_common_name, feed_protocol, plaintext_allowed
 
 log = logging.getLogger("pgproxy.session")
@@ -63,25 +70,13 @@ class SessionState(enum.Enum):
     CLOSED = "closed"
 
 
-class _Statement:
-    """One statement on its way through the database, for its audit record."""
-
-    __slots__ = ("text", "params", "formats", "started", "t0", "tags", "sqlstate", "verdict", "changes")
-
-    def __init__(self, text: str, params=None, formats=None, verdict=None) -> None:
-        self.text, self.params, self.formats, self.verdict = text, params, formats, verdict
-        self.started, self.t0 = time.time(), time.perf_counter()
-        self.tags: list[bytes] = []  # raw CommandComplete bodies; the audit writer parses them
-        self.sqlstate: str | None = None
-        self.changes = ()  # settings the client takes along once this succeeds (session_state.py)
-
-
 class ClientSession(asyncio.Protocol):
     # Slots: thousands of idle sessions are the memory budget (bench scenario 7).
     __slots__ = ("server", "state", "transport", "peer", "session_id", "user", "database", "role", "identity",
-                 "backend", "pool", "cancel_key", "audit_prefix", "_startup_buf", "_reader",
+                 "pool", "cancel_key", "audit_prefix", "_startup_buf", "_reader",
                  "_settings", "_close_reason", "_auth_timer",
-                 "_login_task", "connected_at", "relay", "peer_ip", "tls", "_upgrading", "protocol_minor", "_sasl")
+                 "_login_task", "connected_at", "relay", "peer_ip", "tls", "_upgrading", "protocol_minor", "_sasl",
+                 "proxied_by", "_proxy_header_due", "credential_ends_at", "revalidated_at", "_end_cause")
 
     def __init__(self, server) -> None:
         self.server = server
@@ -93,7 +88,6 @@ class ClientSession(asyncio.Protocol):
         self.database = ""
         self.role = ""
         self.identity = None
-        self.backend = None
         self.pool = None
         self.cancel_key: tuple[int, int] | None = None
         self.audit_prefix = ""  # this session's members of every statement record, as JSON
@@ -105,11 +99,23 @@ class ClientSession(asyncio.Protocol):
         self._login_task: asyncio.Task | None = None
         self.connected_at = time.time()
         self.relay: Relay | None = None  # once logged in
+        # peer / peer_ip: the client's address — on a server.proxy_protocol_listeners port,
+        # the one its PROXY header names, set before any startup packet is read. Everything
+        # that judges a client by address reads peer_ip (plaintext_networks, and per-role
+        # network conditions); proxied_by is then the balancer's "ip:port", else "".
         self.peer_ip = ""
+        self.proxied_by = ""
+        self._proxy_header_due = False  # a PROXY header must come before anything else
         self.tls = None          # the ssl object once the client speaks TLS
         self._upgrading = False  # a TLS handshake is under way
         self.protocol_minor = 0  # the 3.x protocol agreed with the client (2: long cancel keys)
         self._sasl: OAuthBearerExchange | None = None  # while an OAUTHBEARER exchange runs
+        # Sessions end when their credential does (pgproxy/revalidation.py): the token's exp +
+        # leeway (time.time(); inf: no expiry), the last good directory re-check (monotonic),
+        # and why the session was ended for it (the session_end record's cause).
+        self.credential_ends_at = float("inf")
+        self.revalidated_at = 0.0
+        self._end_cause = ""
 
     # --- asyncio.Protocol --------------------------------------------------------------
 
@@ -119,9 +125,18 @@ class ClientSession(asyncio.Protocol):
         self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else "unix"
         self.peer_ip = peer[0] if isinstance(peer, tuple) else "unix"
         self._auth_timer = asyncio.get_running_loop().call_later(
-            self.server.cfg.server.auth_timeout_s, self._auth_timed_out)
+            self.server.cfg.server.auth_timeout_s, self._auth_timed_out)  # the PROXY header's deadline too
+        server_cfg = self.server.cfg.server
+        sockname = transport.get_extra_info("sockname")
+        # Listeners are named by local port, as auth.listener_methods names them.
+        self._proxy_header_due = (isinstance(sockname, tuple)
+                                  and str(sockname[1]) in server_cfg.proxy_protocol_listeners)
         if not self.server.admit(self):
             self._fail(too_many_clients())
+        elif self._proxy_header_due and not from_trusted_proxy(self.peer_ip, server_cfg.trusted_proxies):
+            # Refused, never served as a direct client: on this port the address is the header's.
+            self._fail(proxy_protocol_refused(f"{self.peer} connected to PROXY protocol port {sockname[1]} and is "
+                                              "not in server.trusted_proxies"))
 
     def data_received(self, data: bytes) -> None:
         try:
@@ -145,23 +160,25 @@ class ClientSession(asyncio.Protocol):
         reason = self._close_reason or (f"client connection lost: {exc}" if exc else "client closed the connection")
         if self.relay is not None:
             self.relay.close(reason)
-            self.backend = None
         self.server.forget(self)
         if self.identity is not None:
+            cause = {"cause": self._end_cause} if self._end_cause else {}
             self.server.audit.event("session_end", session=self.session_id, user=self.user, role=self.role,
-                                    reason=reason, duration_s=round(time.time() - self.connected_at, 3))
+                                    reason=reason, duration_s=round(time.time() - self.connected_at, 3), **cause)
         log.info("client disconnected", extra={"session": self.session_id, "user": self.user or "-",
                                                "client": self.peer, "reason": reason})
         self.transport = None
 
     def pause_writing(self) -> None:
         # The client reads slower than the server sends: stop reading the server.
-        if self.backend is not None:
-            self.backend.pause_reading()
+        backend = self.backend
+        if backend is not None:
+            backend.pause_reading()
 
     def resume_writing(self) -> None:
-        if self.backend is not None:
-            self.backend.resume_reading()
+        backend = self.backend
+        if backend is not None:
+            backend.resume_reading()
 
     def pause_reading_client(self) -> None:
         if self.transport is not None:
@@ -170,6 +187,11 @@ class ClientSession(asyncio.Protocol):
     def resume_reading_client(self) -> None:
         if self.transport is not None and self.state is SessionState.READY:
             self.transport.resume_reading()
+
+    @property
+    def backend(self):
+        """The backend connection this session holds right now, if any."""
+        return self.relay.backend if self.relay is not None else None
 
     @property
     def logged_in(self) -> bool:
@@ -225,6 +247,10 @@ class ClientSession(asyncio.Protocol):
     # --- STARTUP -----------------------------------------------------------------------
 
     def _startup(self, data: bytes) -> None:
+        if self._proxy_header_due:
+            data = self._take_proxy_header(data)
+            if not data:
+                return
         buf = self._startup_buf
         if self._upgrading:  # the client's first bytes inside TLS, before start_tls returned
             buf += data
@@ -262,6 +288,34 @@ class ClientSession(asyncio.Protocol):
                     raise protocol_violation("data after startup packet before authentication")
             else:
                 raise unsupported(f"protocol version {code >> 16}.{code & 0xFFFF}")
+
+    def _take_proxy_header(self, data: bytes) -> bytes:
+        """Consume the PROXY header (protocol/proxy_header.py) that must open a connection on
+        a proxy_protocol_listeners port; returns the bytes after it — the client's first,
+        handled as if nothing came before — or b"" until the header is complete. From here
+        on the session's address is the client's, unless the header names none (v2 LOCAL:
+        the balancer's health check; v1 UNKNOWN; UNSPEC): then it stays the balancer's."""
+        if self.transport is None or self.transport.is_closing():
+            return b""  # refused already (an untrusted peer): its header must not count
+        buf = self._startup_buf
+        buf += data  # bounded: the parser decides within the longest header (16 + 536 bytes)
+        try:
+            header = parse_proxy_header(buf)
+        except ProxyHeaderError as exc:
+            raise proxy_protocol_refused(f"invalid PROXY header from {self.peer}: {exc}") from None
+        if header is None:
+            return b""
+        rest = bytes(buf[header.length:])
+        self._startup_buf = bytearray()
+        self._proxy_header_due = False
+        if header.source is not None:
+            self.proxied_by = self.peer
+            host, port = header.source
+            self.peer, self.peer_ip = f"{host}:{port}", host
+        log.debug("PROXY header accepted", extra={"session": self.session_id, "client": self.peer,
+                                                  "balancer": self.proxied_by or self.peer,
+                                                  "version": header.version, "command": header.command})
+        return rest
 
     def _start_tls(self, initial: bytes) -> None:
         self._upgrading = True
@@ -423,6 +477,7 @@ class ClientSession(asyncio.Protocol):
                 return
             self._sasl.accepted()
             self.identity = dataclasses.replace(self.identity, auth_method=oauth.AUTH_METHOD)
+            self.role = self.admit_role(self.role)
             await self._take_backend()
         except Exception as exc:  # e.g. the mapped role cannot be become
             self._login_failed(exc, {"auth_method": oauth.AUTH_METHOD})
@@ -450,6 +505,7 @@ class ClientSession(asyncio.Protocol):
         try:
             await self._authenticate(secret)
             del secret
+            self.role = self.admit_role(self.role)
             await self._take_backend()
         except Exception as exc:
             self._login_failed(exc, {})
@@ -461,7 +517,7 @@ class ClientSession(asyncio.Protocol):
         if not isinstance(exc, PgProxyError):
             log.exception("login failed unexpectedly", extra={"session": self.session_id}, exc_info=exc)
             exc = ProxyFailure("internal error", sqlstate="XX000", severity="FATAL", log_detail=repr(exc))
-        elif exc.sqlstate in ("28P01", "28000"):
+        elif exc.sqlstate in ("28P01", "28000") and exc.denial != "access_condition":  # that has access_denied
             self.server.audit.event("auth_failure", session=self.session_id, user=self.user, database=self.database,
                                     client=self.peer, reason=exc.log_detail, **extra)
         self._fail(exc)
@@ -469,7 +525,7 @@ class ClientSession(asyncio.Protocol):
     async def _authenticate(self, secret: str) -> None:
         identity = await self.server.authenticate(self.user, secret, self.database)
         self.user = identity.username  # svc:<name> for a service account
-        role = map_role(identity, self.server.cfg.roles, self.server.cfg.auth.default_role)
+        role = self.server.role_for(identity, self)  # [[roles]], or a grant in force (grants.py)
         if role is None:
             raise not_authorized(self.user, f"no [[roles]] rule matches (groups: {', '.join(identity.groups) or '-'})")
         if role == self.server.cfg.backend.user:
@@ -498,20 +554,19 @@ class ClientSession(asyncio.Protocol):
         policy, policy_settings = server.policy_for(self.role)
         settings = session_settings(self._settings, {**policy_settings, **identity_settings})
         person = (self.role, identity.username, identity.groups, identity.auth_method, identity.subject)
-        relay = Relay(self, pool, self.role, person, settings, server.cfg.backend, pooled=transaction_mode,
-                      policy=policy, signer=server.identity_signer(identity))
+        engine = Engine(POOL_MODES["transaction" if transaction_mode else "session"], self.role, person, settings,
+                        policy=policy, trail=server.audit, startup=self._settings,
+                        signer=server.identity_signer(identity), refuse_state=server.cfg.backend.session_state == "refuse",
+                        prepared_limit=server.cfg.backend.prepared_statements)
         try:
-            if self.state is not SessionState.CLOSED and backend.state_key != relay.key:
-                backend.switches += 1
-                # The same switch the relay sends (protocol/switch.py), waited for here.
-                await backend.exchange(switch.reset_messages(switch.DISCARD)
-                                       + switch.apply_messages(self.role, relay.settings_for(backend),
-                                                               switch.new_nonce()) + msg.SYNC, 1)
-                backend.forget_state()
-                backend.state_key, backend.person = relay.key, person
+            batch = engine.login_switch(backend) if self.state is not SessionState.CLOSED else None
+            if batch is not None:
+                # The engine's own switch (protocol/switch.py), waited for here: its two Syncs.
+                await backend.exchange(batch + msg.SYNC, 2)
+                engine.login_switched(backend, ok=True)
         except ProxyFailure as exc:
             # The apply is one statement: on error nothing of it was applied.
-            backend.forget_state()
+            engine.login_switched(backend, ok=False)
             pool.release(backend, reusable=not backend.broken, reason="identity switch failed")
             if exc.sqlstate.startswith(("42", "28")):
                 raise not_authorized(self.user, f'cannot become role "{self.role}": {exc.log_detail}') from None
@@ -523,12 +578,12 @@ class ClientSession(asyncio.Protocol):
             pool.release(backend, reusable=True, reason="client left during login")
             return
         self.pool = pool
-        self.relay = relay
+        self.relay = Relay(self, pool, engine)
         self._finish_login(backend, transaction_mode)
         if transaction_mode:
             pool.give_back(backend)  # taken again at the first statement
         else:
-            relay.hold(backend)
+            self.relay.hold(backend)
 
     def _finish_login(self, backend, transaction_mode: bool) -> None:
         self.cancel_key = self.server.register_cancel(self)
@@ -544,6 +599,8 @@ class ClientSession(asyncio.Protocol):
         out += [msg.backend_key_data(*self.cancel_key), msg.ready_for_query(b"I")]
         self.transport.write(b"".join(out))
         self._reader = MessageReader(self.server.cfg.server.max_message_size)  # logged in: the normal bound
+        self.credential_ends_at = self._credential_end()
+        self.revalidated_at = time.monotonic()
         self.state = SessionState.READY
         if self._auth_timer:
             self._auth_timer.cancel()
@@ -553,7 +610,9 @@ class ClientSession(asyncio.Protocol):
                                 auth_method=identity.auth_method, client_id=identity.client_id,
                                 actors=list(identity.actors), client=self.peer, database=self.database,
                                 application_name=self._settings.get("application_name", ""),
-                                backend_pid=backend.pid, pool_mode="transaction" if transaction_mode else "session")
+                                backend_pid=backend.pid, pool_mode="transaction" if transaction_mode else "session",
+                                instance=instance_name(self.server.cfg),
+                                **({"balancer": self.proxied_by} if self.proxied_by else {}))
         log.info("session started", extra={"session": self.session_id, "user": self.user, "role": self.role,
                                            "client": self.peer, "database": self.database, "backend_pid": backend.pid})
         self.transport.resume_reading()
@@ -561,6 +620,8 @@ class ClientSession(asyncio.Protocol):
     # --- READY: client -> server -------------------------------------------------------
 
     def _relay_client(self, data: bytes) -> None:
+        if time.time() >= self.credential_ends_at and self._token_over():
+            return  # nothing the client sent after its token expired reaches the database
         frames = self._reader.feed(data)
         if not frames:
             return
@@ -575,9 +636,6 @@ class ClientSession(asyncio.Protocol):
         self.relay.client_frames(frames)
 
     # Services for the relay
-
-    def new_statement(self, text: str, params=None, formats=None, verdict=None) -> _Statement:
-        return _Statement(text, params, formats, verdict)
 
     def record_denial(self, text: str, reason: str) -> None:
         """The guard refused a statement: it never reached the database."""
@@ -600,26 +658,98 @@ class ClientSession(asyncio.Protocol):
                  extra={"session": self.session_id, "user": self.user, "reason": reason})
 
     def janitor_tick(self, now: float, idle_in_transaction_s: float) -> None:
-        relay = self.relay
-        if (relay is not None and idle_in_transaction_s and relay.backend is not None and not relay.active
-                and (relay.txn_status in (b"T", b"E") or relay.sync_owed)
-                and now - relay.idle_since > idle_in_transaction_s):
+        engine = self.relay.engine if self.relay is not None else None
+        if (engine is not None and idle_in_transaction_s and engine.backend is not None and not engine.active
+                and (engine.txn_status in (b"T", b"E") or engine.sync_owed)
+                and now - engine.idle_since > idle_in_transaction_s):
             self._fail(ProxyFailure("terminating connection due to idle-in-transaction timeout",
                                     sqlstate="25P03", severity="FATAL"))
 
-    def audit_statement(self, st: _Statement, outcome: str, backend=None) -> None:
-        backend = backend or self.backend
-        seconds = time.perf_counter() - st.t0
-        audit = self.server.audit
-        seq = audit.statement(self.audit_prefix, st.text, st.params, st.formats, st.tags, st.started,
-                              seconds, outcome, st.sqlstate, backend.pid if backend else None, st.verdict)
-        if audit.before_result and self.relay is not None:
-            self.relay.durable_due = seq  # its result reaches the client once this is on disk
-        self.server.metrics.statement(st.text, seconds, outcome, st.verdict)
+    # --- access conditions and the credential's lifetime (policy/access.py, revalidation.py)
 
-    def server_lost(self, reason: str) -> None:
-        for st in self.relay.pending_statements():
-            st.sqlstate = st.sqlstate or "08006"
-            self.audit_statement(st, "connection_lost")
-        self.relay.pipeline.clear()
-        self._close(f"server connection lost: {reason}")
+    def admit_role(self, role: str) -> str:
+        """The role this session may take for the mapped ``role`` under the [[access]]
+        conditions: ``role``, a rule's fallback role (audited), or a refusal (28000, audited).
+        At login; also for a session that takes a new mapped role later."""
+        server = self.server
+        if not server.cfg.access:
+            return role
+        admission = admit_role(self.identity, role, server.cfg.access, self.access_context(), time.time())
+        for wanted, unmet, fallback in admission.lowered:
+            self._record_access(wanted, unmet, "lowered", fallback)
+        if admission.role is None:
+            tried = admission.lowered[-1][2] if admission.lowered else role
+            self._record_access(tried, admission.unmet, "refused")
+            raise access_refused(self.user, list(admission.unmet))
+        if admission.role == server.cfg.backend.user:
+            raise not_authorized(self.user, "an access fallback names the pool role itself; refusing")
+        return admission.role
+
+    def access_context(self) -> Context:
+        tls = self.tls
+        return Context(peer_ip=self.peer_ip, tls=tls is not None, client_certificate=bool(tls and tls.getpeercert()),
+                       application_name=self._settings.get("application_name", ""))
+
+    def _record_access(self, role: str, unmet, result: str, fallback: str = "") -> None:
+        """A role the conditions did not admit: counted, logged precisely, audited."""
+        for condition in dict.fromkeys(u.condition for u in unmet):
+            self.server.metrics.count("pgproxy_access_denials", condition, result)
+        reason = "; ".join(u.detail for u in unmet)
+        lowered = {"fallback_role": fallback} if fallback else {}
+        self.server.audit.event("access_denied", session=self.session_id, user=self.user, role=role,
+                                result=result, conditions=list(dict.fromkeys(u.condition for u in unmet)),
+                                reason=reason, client=self.peer, database=self.database,
+                                auth_method=self.identity.auth_method, **lowered)
+        log.info("role lowered by its access conditions" if fallback else "role refused by its access conditions",
+                 extra={"session": self.session_id, "user": self.user, "role": role, "client": self.peer,
+                        "reason": reason, **lowered})
+
+    def _credential_end(self) -> float:
+        """When a token session must end: exp + auth.jwt.leeway_s (also for OAUTHBEARER and
+        introspected tokens); directory and service-account sessions have no expiry."""
+        identity, jwt = self.identity, self.server.cfg.auth.jwt
+        if identity.expires_at is None or identity.auth_method not in ("jwt", OAUTH_METHOD):
+            return float("inf")
+        return identity.expires_at + (jwt.leeway_s if jwt is not None else 0.0)
+
+    def _token_over(self) -> bool:
+        """The token has expired: end the session now (True), or — auth.on_token_expiry =
+        end_after_transaction, with a transaction open at the last ReadyForQuery — let it
+        finish (False)."""
+        relay = self.relay
+        if (self.server.cfg.auth.on_token_expiry == "end_after_transaction" and relay is not None
+                and relay.engine.txn_status in (b"T", b"E")):
+            return False
+        expired = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.identity.expires_at))
+        self.end_credential(token_expired(f"token expired: exp {expired} + leeway passed "
+                                          f"(auth.on_token_expiry = {self.server.cfg.auth.on_token_expiry})"),
+                            "token_expired")
+        return True
+
+    def credential_tick(self, now: float) -> None:
+        """The janitor, once a second: an idle session whose token has expired ends too (a
+        statement still running finishes; the session ends when it is idle)."""
+        if self.state is SessionState.READY and now >= self.credential_ends_at and not self.relay.active:
+            self._token_over()
+
+    def end_credential(self, exc: PgProxyError, cause: str) -> None:
+        """End this session because its credential ended (``cause``: counted, and the
+        session_end record's cause); an open transaction is rolled back as the connection
+        is reset or discarded."""
+        if self.state is SessionState.CLOSED or self._end_cause:
+            return
+        self._end_cause = cause
+        self.server.metrics.count("pgproxy_sessions_ended", cause)
+        self._fail(exc)
+
+    def audit_statement(self, st: Statement, outcome: str, backend_pid: int | None) -> int:
+        """The statement's record; returns its seq (durability: see Relay)."""
+        seconds = time.perf_counter() - st.t0
+        seq = self.server.audit.statement(self.audit_prefix, st.text, st.params, st.formats, st.tags, st.started,
+                                          seconds, outcome, st.sqlstate, backend_pid, st.verdict)
+        self.server.metrics.statement(st.text, seconds, outcome, st.verdict)
+        return seq
+
+    def close_client(self, reason: str) -> None:
+        """End the session without an error message (its server connection was lost)."""
+        self._close(reason)

@@ -33,15 +33,15 @@ query that differs only in its constants costs one regex pass, not a parse.
 
 from __future__ import annotations
 
-import json
 import re
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
-from pglast.parser import ParseError, parse_sql_json
+from pglast.parser import ParseError
 
 from pgproxy.policy import dict_nodes
+from pgproxy.policy.parsed import statements
 from pgproxy.policy.builtins import ALLOWED_INFORMATION_SCHEMA, ALLOWED_PG_CATALOG, denial
 
 CACHE_SIZE = 20_000
@@ -182,13 +182,12 @@ def classify(sql: str) -> Verdict:
 
 def _analyse(sql: str) -> Verdict:
     try:
-        stmts = json.loads(parse_sql_json(sql)).get("stmts", [])
+        nodes = statements(sql)
     except ParseError as exc:
         return syntax_error(sql, exc)
     except ValueError:
         return Verdict(refusal="pgproxy could not read the parser's output", sqlstate="XX000")
     walk = _Walk()
-    nodes = [s.get("stmt", {}) for s in stmts]
     for index, node in enumerate(nodes):
         last = index == len(nodes) - 1
         for kind, body in node.items():

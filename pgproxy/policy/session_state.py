@@ -15,13 +15,13 @@ repeated statements cost one dict lookup.
 
 from __future__ import annotations
 
-import json
 from collections import OrderedDict
 from typing import NamedTuple
 
-from pglast.parser import ParseError, parse_sql_json
+from pglast.parser import ParseError
 
 from pgproxy.policy import dict_nodes
+from pgproxy.policy.parsed import statements
 
 CACHE_SIZE = 20_000
 CURSOR_OPT_HOLD = 0x0020  # PostgreSQL's parsenodes.h
@@ -86,10 +86,9 @@ def session_effects(sql: str) -> Effects:
 
 def _inspect(sql: str) -> Effects:
     try:
-        stmts = json.loads(parse_sql_json(sql)).get("stmts", [])
+        nodes = statements(sql)
     except (ParseError, ValueError):
         return NOTHING  # PostgreSQL will refuse it too; nothing can outlive a syntax error
-    nodes = [s.get("stmt", {}) for s in stmts]
     if len(nodes) == 1:
         local = _answered_locally(nodes[0])
         if local is not None:

@@ -88,13 +88,18 @@ class MessageReader:
         return len(self._buf)
 
 
+_WANTED_SETS: dict[bytes, frozenset] = {}
+
+
 class ServerStreamScanner:
     """Follows message boundaries across forwarded chunks without copying skipped bodies."""
 
     __slots__ = ("_wanted", "_max", "_skip", "_head", "_kind", "_need", "_body")
 
     def __init__(self, wanted: bytes, max_body: int) -> None:
-        self._wanted = frozenset(wanted)
+        # One frozenset per kind of scanner, shared: each session has a scanner, and a set
+        # of a dozen bytes costs 700 bytes.
+        self._wanted = _WANTED_SETS.get(wanted) or _WANTED_SETS.setdefault(wanted, frozenset(wanted))
         self._max = max_body
         self._skip = 0      # bytes still to pass of a message nobody reads
         self._head = b""    # a header split across chunks

@@ -27,6 +27,7 @@ from __future__ import annotations
 import secrets
 
 from pgproxy.protocol import messages as msg
+from pgproxy.protocol.pipeline import BIND, EXECUTE, PARSE
 
 NONCE_SETTING = "pgproxy.switch"
 DISCARD = "DISCARD ALL"
@@ -71,6 +72,17 @@ def apply_messages(role: str, settings: dict[str, str], nonce: str) -> bytes:
     values += (NONCE_SETTING, nonce)
     return (msg.parse_message("", apply_text(len(items) + 1))
             + msg.bind_message("", "", [v.encode() for v in values]) + msg.execute_message())
+
+
+# The replies a switch earns before its Sync (reset, apply) and after it (the guard).
+SWITCH_REPLIES = (PARSE, BIND, EXECUTE, PARSE, BIND, EXECUTE)
+GUARD_REPLIES = (PARSE, BIND)  # and the guard's EXECUTE, which confirms the switch
+
+
+def switch_messages(reset: str, role: str, settings: dict[str, str], nonce: str) -> bytes:
+    """The whole switch: reset, apply, Sync, guard — the one implementation, used at login
+    (followed by a Sync and waited for) and in front of a client's messages."""
+    return reset_messages(reset) + apply_messages(role, settings, nonce) + msg.SYNC + guard_messages(nonce)
 
 
 def guard_messages(nonce: str) -> bytes:

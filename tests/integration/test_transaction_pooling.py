@@ -116,7 +116,7 @@ def test_refuse_mode_answers_0A000_and_the_session_carries_on(make_proxy, issuer
         assert alice.execute("SELECT current_setting('pgproxy.user')").fetchone() == ("alice",)
         with alice.transaction():
             alice.execute("SET LOCAL statement_timeout = '5s'")  # transaction-scoped: allowed
-    refused = proxy.audit(lambda r: r.get("event") == "pin" and r.get("result") == "refused")
+    refused = proxy.audit(lambda r: r.get("event") == "pin" and r.get("result") == "refused", count=2)
     assert len([r for r in refused if r.get("event") == "pin"]) == 2
 
 

@@ -106,13 +106,14 @@ class ProxyProcess:
             self._log.flush()
         return self.log_path.read_text(errors="replace")
 
-    def audit(self, wait_for=None, timeout: float = 5.0) -> list[dict]:
-        """Audit records so far; with ``wait_for`` (a predicate), wait until one matches."""
+    def audit(self, wait_for=None, timeout: float = 5.0, count: int = 1) -> list[dict]:
+        """Audit records so far; with ``wait_for`` (a predicate), wait until ``count`` match
+        (records are written in batches, and each worker writes its own)."""
         deadline = time.monotonic() + timeout
         while True:
             records = [json.loads(line) for line in self.audit_path.read_text().splitlines() if line.strip()] \
                 if self.audit_path.exists() else []
-            if wait_for is None or any(wait_for(r) for r in records) or time.monotonic() > deadline:
+            if wait_for is None or sum(1 for r in records if wait_for(r)) >= count or time.monotonic() > deadline:
                 return records
             time.sleep(0.05)
 

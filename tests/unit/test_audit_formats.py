@@ -436,3 +436,14 @@ def test_sink_names_must_differ():
     assert _problems([{"type": "syslog", "transport": "unix", "name": "siem"},
                       {"type": "syslog", "transport": "unix", "name": "siem"}]) == \
         ["audit_sinks[1].name: 'siem' names another sink already"]
+
+
+def test_an_access_condition_refusal_is_a_failed_logon_and_a_lowered_one_a_successful_one():
+    refused = {"event": "access_denied", "ts": "2026-12-01T10:00:00.000000Z", "user": "alice", "role": "dba",
+               "result": "refused", "condition": "require_amr", "client": "10.1.2.3:5000"}
+    lowered = {**refused, "result": "lowered", "fallback_role": "analyst"}
+    for record, status, severity in ((refused, "Failure", "Medium"), (lowered, "Success", "Low")):
+        event = fmt.to_ocsf(record)
+        assert event["class_uid"] == 3002 and event["activity_name"] == "Logon"
+        assert event["status"] == status and event["severity"] == severity
+    assert "refused by an access condition" in fmt.to_ocsf(refused)["message"]

@@ -284,6 +284,44 @@ def test_built_in_rotation_by_size_loses_nothing(tmp_path):
     assert verify(files).problems == []
 
 
+def test_a_checkpoint_follows_every_checkpoint_records_records_never_sooner(tmp_path):
+    path = tmp_path / "audit.jsonl"
+    log = AuditLog(AuditSection(file=str(path), flush_interval_ms=2, checkpoint_records=100))
+    for i in range(1500):  # bursts of varying size, so checkpoints fall inside batches and at their ends
+        statement(log, f"SELECT {i}")
+        if i % 37 == 0:
+            time.sleep(0.003)
+    log.close()
+    events = [r["event"] for r in records(path)]
+    assert events.count("statement") == 1500 and events[0] == "audit_open" and events[-1] == "audit_close"
+    seals = [i for i, event in enumerate(events) if event.startswith("audit_")]
+    gaps = [b - a - 1 for a, b in zip(seals, seals[1:-1])]  # statements between seals, the last close aside
+    assert gaps and min(gaps) >= 100, gaps
+    assert len(gaps) >= 1500 // 300  # each due checkpoint came, within a batch or two
+    assert verify([str(path)]).problems == []
+
+
+def _wakes(log: AuditLog) -> int:
+    with open(f"/proc/self/task/{log._thread.native_id}/status") as fh:
+        return int(next(line for line in fh if line.startswith("voluntary_ctxt_switches")).split()[1])
+
+
+def test_an_idle_writer_sleeps_and_the_next_record_wakes_it(tmp_path):
+    path = tmp_path / "audit.jsonl"
+    log = AuditLog(AuditSection(file=str(path), flush_interval_ms=10, checkpoint_interval_s=0.4))
+    statement(log, "first")
+    wait_until(lambda: "first" in texts(path))
+    time.sleep(0.1)
+    before = _wakes(log)
+    time.sleep(1.0)  # 100 rounds at 10 ms; idle, the writer only looks for duties (the checkpoint)
+    assert _wakes(log) - before <= 10
+    assert [r["event"] for r in records(path)][-1] == "audit_checkpoint"  # interval checkpoints still come
+    statement(log, "second")
+    wait_until(lambda: "second" in texts(path), timeout=0.5)
+    log.close()
+    assert verify([str(path)]).problems == []
+
+
 def test_two_writers_sharing_a_file_interleave_and_each_chain_verifies(tmp_path):
     path = tmp_path / "audit.jsonl"
     a = AuditLog(AuditSection(file=str(path), flush_interval_ms=3), worker=0)
@@ -329,6 +367,17 @@ def test_sinks_get_exactly_the_file_s_lines_and_an_unhealthy_refusing_sink_close
     assert strict.closed and lenient.closed
     assert strict.lines == path.read_text().splitlines() == lenient.lines
     assert [r["event"] for r in records(path)].count("audit_gap") == 1
+
+
+def test_with_a_sink_the_writer_never_idles_so_its_health_is_followed_at_once(tmp_path):
+    path = tmp_path / "audit.jsonl"
+    sink = ListSink("strict")
+    log = AuditLog(AuditSection(file=str(path), flush_interval_ms=10), sinks=[sink])
+    statement(log, "one")
+    time.sleep(0.3)  # nothing to write: without a sink the writer would be asleep by now
+    sink.healthy = False  # as a sink's own thread does when deliveries fail
+    wait_until(lambda: not log.available, timeout=0.25)
+    log.close()
 
 
 def test_a_signing_key_file_is_created_private_and_reused(tmp_path):

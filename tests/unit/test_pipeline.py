@@ -7,40 +7,30 @@ import struct
 
 from pgproxy.protocol import messages as msg
 from pgproxy.protocol.framing import ServerStreamScanner
-from pgproxy.protocol.pipeline import (BIND, CLOSE, EXECUTE, FORWARD, GUARD, PARSE, QUERY, QUIET, SWALLOW, SWITCH,
-                                       SYNC, SYNTH, WANTED, Expected, Pipeline)
+from pgproxy.protocol.pipeline import (BIND, CLOSE, CONFIRMED, DESCRIBED, DONE, EXECUTE, FAILED, FORWARD, GUARD,
+                                       PARAMETER, PARSE, QUERY, QUIET, READY, SKIPPED, SKIPPED_QUIETLY, SWALLOW,
+                                       SWITCH, SWITCH_FAILED, SYNC, SYNTH, WANTED, Expected, Pipeline)
 
 
-class Owner:
-    def __init__(self) -> None:
-        self.events = []
+_NAMES = {PARAMETER: "parameter", READY: "ready", DESCRIBED: "described", DONE: "done", FAILED: "failed",
+          SKIPPED: "skipped", SKIPPED_QUIETLY: "skipped_quietly", CONFIRMED: "confirmed",
+          SWITCH_FAILED: "switch_failed"}
 
-    def parameter(self, body):
-        self.events.append(("parameter", body.split(b"\0")[0]))
 
-    def ready(self, status, idle):
-        self.events.append(("ready", status, idle))
-
-    def statement_done(self, statement, outcome):
-        self.events.append(("done", statement, outcome))
-
-    def statement_error(self, statement, body):
-        self.events.append(("statement_error", statement))
-
-    def failed(self, entry, body, statement):
-        self.events.append(("failed", entry.kind))
-
-    def skipped(self, entry):
-        self.events.append(("skipped", entry.kind))
-
-    def skipped_quietly(self, entry):
-        self.events.append(("skipped_quietly", entry.kind))
-
-    def switch_confirmed(self):
-        self.events.append(("confirmed",))
-
-    def switch_failed(self, body):
-        self.events.append(("switch_failed",))
+def events(pipeline: Pipeline) -> list[tuple]:
+    """The pipeline's events so far, readable: ("done", statement, outcome), ("failed", kind), ..."""
+    out = []
+    for event in pipeline.events:
+        name = _NAMES[event[0]]
+        if name == "parameter":
+            out.append((name, event[1].split(b"\0")[0]))
+        elif name in ("failed", "skipped", "skipped_quietly"):
+            out.append((name, event[1].kind))
+        elif name in ("done", "ready"):
+            out.append((name, *event[1:]))
+        else:
+            out.append((name,))
+    return out
 
 
 class Statement:
@@ -71,13 +61,13 @@ def run(pipeline: Pipeline, stream: bytes, cuts: list[int] | None = None) -> byt
 
 
 def test_everything_forwarded_is_passed_through_whole_and_audited():
-    owner, statement = Owner(), Statement()
-    pipeline = Pipeline(owner)
+    statement = Statement()
+    pipeline = Pipeline()
     for entry in (Expected(PARSE), Expected(BIND), Expected(EXECUTE, statement=statement), Expected(SYNC)):
         pipeline.expect(entry)
     stream = PARSE_OK + BIND_OK + ROW + SELECT_1 + READY
     assert run(pipeline, stream) == stream
-    assert ("done", statement, "ok") in owner.events and owner.events[-1] == ("ready", b"I", True)
+    assert ("done", statement, "ok") in events(pipeline) and events(pipeline)[-1] == ("ready", b"I")
     assert statement.tags == [b"SELECT 1\0"] and not len(pipeline)
 
 
@@ -86,8 +76,8 @@ def test_a_skipped_parse_gets_its_parse_complete_in_order_however_the_stream_is_
     expected = PARSE_OK + stream
     rng = random.Random(3)
     for _ in range(200):
-        pipeline = Pipeline(Owner())
-        pipeline.expect(Expected(PARSE, SYNTH, payload=msg.PARSE_COMPLETE))
+        pipeline = Pipeline()
+        pipeline.expect(Expected(PARSE, SYNTH, reply=msg.PARSE_COMPLETE))
         for entry in (Expected(BIND), Expected(EXECUTE), Expected(SYNC)):
             pipeline.expect(entry)
         cuts = sorted(rng.sample(range(1, len(stream)), rng.randint(0, 6)))
@@ -95,8 +85,8 @@ def test_a_skipped_parse_gets_its_parse_complete_in_order_however_the_stream_is_
 
 
 def test_a_local_close_complete_waits_for_the_replies_before_it():
-    pipeline = Pipeline(Owner())
-    for entry in (Expected(BIND), Expected(EXECUTE), Expected(CLOSE, SYNTH, payload=msg.CLOSE_COMPLETE),
+    pipeline = Pipeline()
+    for entry in (Expected(BIND), Expected(EXECUTE), Expected(CLOSE, SYNTH, reply=msg.CLOSE_COMPLETE),
                   Expected(SYNC)):
         pipeline.expect(entry)
     assert pipeline.synthesized() == []  # not its turn yet
@@ -105,30 +95,28 @@ def test_a_local_close_complete_waits_for_the_replies_before_it():
 
 def test_an_injected_parse_is_silent_on_success_and_its_error_reaches_the_client():
     for cuts in ([], [2], [5, 7]):
-        pipeline = Pipeline(Owner())
+        pipeline = Pipeline()
         for entry in (Expected(PARSE, QUIET), Expected(BIND), Expected(EXECUTE), Expected(SYNC)):
             pipeline.expect(entry)
         assert run(pipeline, PARSE_OK + BIND_OK + SELECT_1 + READY, cuts) == BIND_OK + SELECT_1 + READY
-    owner = Owner()
-    pipeline = Pipeline(owner)
+    pipeline = Pipeline()
     for entry in (Expected(PARSE, QUIET), Expected(BIND), Expected(EXECUTE, statement=Statement()), Expected(SYNC)):
         pipeline.expect(entry)
     assert run(pipeline, ERROR + READY) == ERROR + READY  # the server skipped Bind and Execute
     # The Execute the client ran carries the error; the Bind in between is skipped.
-    assert [e[0] for e in owner.events] == ["failed", "skipped", "skipped_quietly", "ready"]
+    assert [e[0] for e in events(pipeline)] == ["failed", "skipped", "skipped_quietly", "ready"]
 
 
 def test_an_error_drops_the_owed_replies_up_to_sync_including_synthesized_ones():
-    pipeline = Pipeline(Owner())
-    for entry in (Expected(BIND), Expected(EXECUTE), Expected(PARSE, SYNTH, payload=msg.PARSE_COMPLETE),
+    pipeline = Pipeline()
+    for entry in (Expected(BIND), Expected(EXECUTE), Expected(PARSE, SYNTH, reply=msg.PARSE_COMPLETE),
                   Expected(BIND), Expected(SYNC)):
         pipeline.expect(entry)
     assert run(pipeline, BIND_OK + ERROR + READY) == BIND_OK + ERROR + READY
 
 
 def test_the_switch_and_its_guard_are_swallowed_and_confirm():
-    owner = Owner()
-    pipeline = Pipeline(owner)
+    pipeline = Pipeline()
     switch_reply = (m(b"C", b"SET\0") + m(b"S", b"application_name\0alice via psql\0") + m(b"C", b"RESET\0")
                     + m(b"T", b"\0\0") + ROW + SELECT_1 + READY)
     guard_reply = PARSE_OK + BIND_OK + ROW + SELECT_1
@@ -138,30 +126,27 @@ def test_the_switch_and_its_guard_are_swallowed_and_confirm():
         pipeline.expect(entry)
     stream = switch_reply + guard_reply + client_reply + READY
     for cut in range(1, len(stream), 3):
-        owner.events.clear()
-        fresh = Pipeline(owner)
+        fresh = Pipeline()
         for entry in (Expected(QUERY, SWITCH), Expected(PARSE, SWITCH), Expected(BIND, SWITCH),
                       Expected(EXECUTE, GUARD), Expected(QUERY), Expected(SYNC, SWALLOW)):
             fresh.expect(entry)
         assert run(fresh, stream, [cut]) == client_reply
-        assert ("confirmed",) in owner.events and ("parameter", b"application_name") in owner.events
+        assert ("confirmed",) in events(fresh) and ("parameter", b"application_name") in events(fresh)
     assert run(pipeline, stream) == client_reply
 
 
 def test_a_failed_switch_reports_and_passes_nothing_on():
-    owner = Owner()
-    pipeline = Pipeline(owner)
+    pipeline = Pipeline()
     for entry in (Expected(QUERY, SWITCH), Expected(PARSE, SWITCH), Expected(BIND, SWITCH), Expected(EXECUTE, GUARD),
                   Expected(QUERY), Expected(SYNC, SWALLOW)):
         pipeline.expect(entry)
     assert run(pipeline, ERROR + READY + ERROR + READY) == b""
-    assert ("switch_failed",) in owner.events and ("confirmed",) not in owner.events
+    assert ("switch_failed",) in events(pipeline) and ("confirmed",) not in events(pipeline)
 
 
 def test_forwarded_parse_error_is_forwarded_and_reported():
-    owner = Owner()
-    pipeline = Pipeline(owner)
-    for entry in (Expected(PARSE, FORWARD, payload=("conn", ("SELECT nope", ()))), Expected(BIND), Expected(SYNC)):
+    pipeline = Pipeline()
+    for entry in (Expected(PARSE, FORWARD, key=("SELECT nope", ())), Expected(BIND), Expected(SYNC)):
         pipeline.expect(entry)
     assert run(pipeline, ERROR + READY) == ERROR + READY
-    assert owner.events[:2] == [("failed", PARSE), ("skipped", BIND)]
+    assert events(pipeline)[:2] == [("failed", PARSE), ("skipped", BIND)]

@@ -1,0 +1,123 @@
+"""Whose a backend connection is: the identity it carries and the statements it holds.
+
+One ``ConnectionIdentity`` per backend connection, kept across clients under transaction
+pooling. The engine (frontend/engine.py) is its only writer, through the methods below:
+
+    key          the role and settings applied, as a client's key (person, settings);
+                 None: unknown — the next client pays a full switch
+    person       whose prepared statements and session objects these are
+    prepared     (text, parameter types) -> our statement name, an LRU
+    pending      names whose Parse is not answered yet -> the Sync count when it was sent:
+                 usable before the next Sync only (if it fails, PostgreSQL skips to Sync,
+                 and everything using it in between with it)
+    syncs        Syncs sent on the connection so far
+    unnamed      (owner, generation) of the client whose unnamed statement this is
+    switches     identity switches so far (metrics, logs)
+
+Pure: no I/O. A connection that is reset (DISCARD ALL) or whose state is unknown is
+``forget()``-ed: nobody's, with nothing prepared.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+
+class ConnectionIdentity:
+    __slots__ = ("key", "person", "prepared", "pending", "syncs", "counter", "switches", "unnamed_owner",
+                 "unnamed_gen")
+
+    def __init__(self) -> None:
+        self.key = None
+        self.person = None
+        self.prepared: OrderedDict[tuple, str] = OrderedDict()
+        self.pending: dict[str, int] = {}
+        self.syncs = 0
+        self.counter = 0
+        self.switches = 0
+        self.unnamed_owner = None
+        self.unnamed_gen = 0
+
+    def carries(self, key) -> bool:
+        return self.key == key
+
+    def forget(self) -> None:
+        """Nobody's connection any more (reset, or a statement that may have undone our settings)."""
+        self.key = None
+        self.person = None
+        self.prepared.clear()
+        self.pending.clear()
+        self.unnamed_owner = None
+
+    def became(self, person, key) -> bool:
+        """A switch to ``key`` went out; True if it was another person's (their statements go)."""
+        self.switches += 1
+        new_person = self.person != person
+        if new_person:
+            self.prepared.clear()
+            self.pending.clear()
+        self.person, self.key, self.unnamed_owner = person, key, None
+        return new_person
+
+    def settings_changed(self, old_key, new_key, exact: bool) -> None:
+        """The client's settings changed on this connection: it carries ``new_key`` if the
+        change is known exactly, else nobody knows what it carries."""
+        if self.key == old_key:
+            self.key = new_key if exact else None
+
+    # --- prepared statements -----------------------------------------------------------
+
+    def synced(self) -> None:
+        """A Sync goes out: statements still pending from before it may yet have failed."""
+        self.syncs += 1
+
+    def lookup(self, key: tuple) -> str | None:
+        """Our name for ``key`` if the connection has it (or it is being prepared since the last Sync)."""
+        name = self.prepared.get(key)
+        if name is not None:
+            sent = self.pending.get(name)
+            if sent is not None and sent != self.syncs:
+                return None  # its Parse may have been skipped: prepare it again
+            self.prepared.move_to_end(key)
+        return name
+
+    def prepare(self, key: tuple, limit: int) -> tuple[str, list[str]]:
+        """A new name for ``key``, and the names evicted to stay within ``limit``."""
+        prepared = self.prepared
+        evicted = []
+        prepared.pop(key, None)  # an older name still pending: abandoned (DISCARD ALL ends it)
+        while len(prepared) >= limit:
+            old = prepared.popitem(last=False)[1]
+            self.pending.pop(old, None)
+            evicted.append(old)
+        self.counter += 1
+        name = prepared[key] = f"pgproxy_{self.counter}"
+        self.pending[name] = self.syncs
+        return name, evicted
+
+    def prepared_ok(self, name: str) -> None:
+        """Its ParseComplete came."""
+        self.pending.pop(name, None)
+
+    def unprepare(self, key: tuple, name: str) -> None:
+        """Its Parse failed or was skipped: the connection does not have it."""
+        self.pending.pop(name, None)
+        if self.prepared.get(key) == name:
+            del self.prepared[key]
+
+    def deallocated(self) -> None:
+        """DEALLOCATE ALL or DISCARD ALL ran: nothing is prepared any more."""
+        self.prepared.clear()
+        self.pending.clear()
+        self.unnamed_owner = None
+
+    # --- the unnamed statement ---------------------------------------------------------
+
+    def holds_unnamed(self, owner, generation: int) -> bool:
+        return self.unnamed_owner is owner and self.unnamed_gen == generation
+
+    def claim_unnamed(self, owner, generation: int) -> None:
+        self.unnamed_owner, self.unnamed_gen = owner, generation
+
+    def drop_unnamed(self) -> None:
+        self.unnamed_owner = None

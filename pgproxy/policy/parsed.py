@@ -1,0 +1,34 @@
+"""One parse per new statement text, shared by the guard and the session-state check.
+
+Both read the same text when a statement is new (policy/guard.py ``classify`` and
+policy/session_state.py ``session_effects``, each with its own cache of decisions). The
+parse (``parse_sql_json``, then json.loads) is the costly part; the few texts parsed last
+are kept so the second reader of a new text does not parse it again.
+"""
+
+from __future__ import annotations
+
+import json
+
+from pglast.parser import ParseError, parse_sql_json
+
+RECENT = 64  # texts kept; decisions are cached by their readers, this only bridges the two
+
+_recent: dict[str, list | Exception] = {}
+
+
+def statements(sql: str) -> list[dict]:
+    """The statements' parse trees (``stmt`` of each), read-only; raises ParseError for text
+    PostgreSQL cannot parse and ValueError if the parser's output is unreadable."""
+    nodes = _recent.get(sql)
+    if nodes is None:
+        try:
+            nodes = [s.get("stmt", {}) for s in json.loads(parse_sql_json(sql)).get("stmts", [])]
+        except (ParseError, ValueError) as exc:
+            nodes = exc
+        if len(_recent) >= RECENT:
+            _recent.clear()
+        _recent[sql] = nodes
+    if isinstance(nodes, Exception):
+        raise nodes
+    return nodes
