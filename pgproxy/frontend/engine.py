@@ -127,6 +127,7 @@ class PoolMode:
     name = ""
     renames = False  # client statement names are mapped per connection (it is shared)
     pins = False     # state that outlives a transaction must pin the session to its connection
+    releases = False  # gives its connection back during the session at all (may_give_back is asked)
 
     def may_give_back(self, engine: "Engine") -> bool:
         """At a point where nothing is owed (see Engine._releasable): give the connection back?"""
@@ -149,6 +150,7 @@ class TransactionPooling(PoolMode):
     name = "transaction"
     renames = True
     pins = True
+    releases = True
 
     def may_give_back(self, engine: "Engine") -> bool:
         return engine.txn_status == b"I" and not engine.pinned
@@ -303,7 +305,8 @@ class Engine:
         self.actions.append((END, error))
 
     def _releasable(self) -> bool:
-        return (self.state == ACTIVE and self.backend is not None and not self.pipeline and not self.waiting
+        return (self.mode.releases and self.state == ACTIVE and self.backend is not None and not self.pipeline
+                and not self.waiting
                 and not self.attaching and not self.sync_owed and (not self.skipping or self.local_sync is not None)
                 and self.scanner.at_boundary and self.mode.may_give_back(self))
 

@@ -133,6 +133,8 @@ class Pipeline:
 
     def synthesized(self) -> list[bytes]:
         """Replies the proxy makes that are due now (their turn has come)."""
+        if not self._special:
+            return ()  # the common case: nothing of the proxy's own
         out = []
         queue = self._queue
         while queue and queue[self._head].action == SYNTH:

@@ -256,7 +256,7 @@ def test_leaving_mid_request_drains_a_clean_one_goes_back_and_session_pooling_re
 
 def test_a_new_pool_mode_is_one_subclass():
     class StatementPooling(PoolMode):  # give back after every statement outside a transaction
-        name, renames, pins = "statement", True, True
+        name, renames, pins, releases = "statement", True, True, True
 
         def may_give_back(self, engine):
             return engine.txn_status == b"I" and not engine.pinned
