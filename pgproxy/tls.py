@@ -78,15 +78,8 @@ def _backend_context(cfg: Config, problems: list[str]) -> ssl.SSLContext | None:
 
 def plaintext_allowed(address: str, networks: list[str]) -> bool:
     """May a client at ``address`` (an IP, or "unix") send a password without TLS?"""
-    if address == "unix":
-        return True
-    try:
-        ip = ipaddress.ip_address(address)
-    except ValueError:
-        return False
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped
-    return any(ip in ipaddress.ip_network(n, strict=False) for n in networks)
+    from pgproxy.policy.access import in_networks  # the one address matcher ([[access]] networks too)
+    return in_networks(address, tuple(ipaddress.ip_network(n, strict=False) for n in networks), unix=True)
 
 
 def server_end_point(der_certificate: bytes) -> bytes:
