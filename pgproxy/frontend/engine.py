@@ -105,6 +105,7 @@ _RESET_TAGS = {"DISCARD ALL": "DISCARD ALL", "RESET ALL": "RESET", "SESSION AUTH
 _Q, _P, _B, _E, _S, _C, _D, _H, _F = (ord(c) for c in "QPBESCDHF")
 _FORWARD_ONLY = frozenset(b"dcfH")  # CopyData, CopyDone, CopyFail, Flush: no reply of their own
 _PAUSE, _RESUME = (PAUSE,), (RESUME,)
+_DEALLOCATES = frozenset({"deallocate", "deallocate_all"})
 
 
 class Statement:
@@ -511,6 +512,13 @@ class Engine:
             return
         effects = session_effects(text)
         if effects is not NOTHING and self._refused_effects(effects, QUERY, text, out):
+            return
+        if effects.local in _DEALLOCATES and self.mode.renames and self.txn_status == b"E" and not self.pipeline:
+            # The names are the proxy's to answer for, but PostgreSQL would refuse this in an
+            # aborted transaction (known to be one: nothing in flight could have ended it): so
+            # does the proxy, and nothing is deallocated.
+            self._answer_error("current transaction is aborted, commands ignored until end of transaction block",
+                               "25P02", QUERY, out)
             return
         if effects.local and self._answer_locally(effects):
             return

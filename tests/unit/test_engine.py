@@ -169,6 +169,21 @@ def test_a_statement_prepared_in_a_skipped_batch_is_prepared_again_after_the_syn
     assert world.connections[0].ran[-1] == ("SELECT 7", "alice")
 
 
+def test_deallocate_in_an_aborted_transaction_is_refused_as_postgresql_would_and_keeps_the_statement():
+    world = World("transaction", connections=1)
+    alice = world.login("alice")
+    world.send(alice, extended("SELECT 1", name="s1") + query("BEGIN") + query("SELECT fail 2"))
+    settle_all(world)
+    world.send(alice, query("DEALLOCATE s1"))
+    settle_all(world)
+    errors = [msg.parse_error_fields(raw[5:])["C"] for kind, raw in frames_of(bytes(alice.received))
+              if kind == ord("E")]
+    assert errors == ["42P01", "25P02"] and "s1" in alice.engine.statements
+    world.send(alice, query("ROLLBACK") + query("DEALLOCATE s1"))
+    settle_all(world)
+    assert "s1" not in alice.engine.statements and alice.engine.backend is None
+
+
 def test_session_pooling_keeps_its_connection_between_transactions():
     world = World("session", connections=2)
     alice = world.login("alice")
