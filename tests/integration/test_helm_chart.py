@@ -136,6 +136,7 @@ def test_pod_serves_with_the_rendered_config_and_secrets(pod, issuer):
         for probe in probes.values():
             assert probe["port"] == "http"
         http = ports[port_of(pod, "http")]
+        wait_for_port(http, process)  # the operations port may open just after the clients' port
         assert http_get(http, probes["livenessProbe"]["path"]) == (200, b"ok\n")
         deadline = time.monotonic() + 20  # the IdP's keys and a PostgreSQL login with the mounted password
         while (status := http_get(http, probes["readinessProbe"]["path"]))[0] != 200 and time.monotonic() < deadline:
