@@ -12,7 +12,6 @@ pooling. The engine (frontend/engine.py) is its only writer, through the methods
                  and everything using it in between with it)
     syncs        Syncs sent on the connection so far
     unnamed      (owner, generation) of the client whose unnamed statement this is
-    switches     identity switches so far (metrics, logs)
 
 Pure: no I/O. A connection that is reset (DISCARD ALL) or whose state is unknown is
 ``forget()``-ed: nobody's, with nothing prepared.
@@ -24,8 +23,7 @@ from collections import OrderedDict
 
 
 class ConnectionIdentity:
-    __slots__ = ("key", "person", "prepared", "pending", "syncs", "counter", "switches", "unnamed_owner",
-                 "unnamed_gen")
+    __slots__ = ("key", "person", "prepared", "pending", "syncs", "counter", "unnamed_owner", "unnamed_gen")
 
     def __init__(self) -> None:
         self.key = None
@@ -34,7 +32,6 @@ class ConnectionIdentity:
         self.pending: dict[str, int] = {}
         self.syncs = 0
         self.counter = 0
-        self.switches = 0
         self.unnamed_owner = None
         self.unnamed_gen = 0
 
@@ -51,7 +48,6 @@ class ConnectionIdentity:
 
     def became(self, person, key) -> bool:
         """A switch to ``key`` went out; True if it was another person's (their statements go)."""
-        self.switches += 1
         new_person = self.person != person
         if new_person:
             self.prepared.clear()

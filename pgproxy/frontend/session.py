@@ -208,10 +208,6 @@ class ClientSession(asyncio.Protocol):
     def application_name(self) -> str:
         return self._settings.get("application_name", "")
 
-    def startup_value(self, name: str) -> str | None:
-        """The value the client gave a setting at startup (names are case-insensitive)."""
-        return next((v for k, v in self._settings.items() if k.lower() == name), None)
-
     # --- errors and exits --------------------------------------------------------------
 
     def end(self, exc: PgProxyError) -> None:
