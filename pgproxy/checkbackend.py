@@ -44,6 +44,7 @@ from pgproxy.backend.connection import BackendConnection, open_connection
 from pgproxy.config import Config
 from pgproxy.errors import PgProxyError
 from pgproxy.frontend.startup import quote_literal
+from pgproxy.protocol import messages as msg
 
 CLUSTER = "cluster"  # the tag of findings about roles, which every database shares
 LOGINS_AT_ONCE = 8  # per_role: test logins in flight together
@@ -315,23 +316,9 @@ def _extension_query(roles: list[str]) -> str:
 
 # --- checking -----------------------------------------------------------------------
 
-def _columns(raw: bytes) -> list[str | None]:
-    """The columns of a DataRow (type, int32 length, int16 count, then int32 size + bytes each)."""
-    count = int.from_bytes(raw[5:7], "big")
-    values, at = [], 7
-    for _ in range(count):
-        size = int.from_bytes(raw[at:at + 4], "big", signed=True)
-        at += 4
-        if size < 0:
-            values.append(None)
-        else:
-            values.append(raw[at:at + size].decode("utf-8", "replace"))
-            at += size
-    return values
-
 
 async def _rows(conn: BackendConnection, query: str) -> list[list[str | None]]:
-    return [_columns(raw) for kind, raw in await conn.run(query) if kind == ord("D")]
+    return [msg.parse_data_row(raw[5:]) for kind, raw in await conn.run(query) if kind == ord("D")]
 
 
 async def _login(cfg: Config, database: str, user: str, password: str | None) -> BackendConnection:

@@ -54,7 +54,6 @@ import json
 import logging
 import os
 import socket
-import struct
 import time
 from collections import deque
 
@@ -242,7 +241,7 @@ class ControlLink(asyncio.Protocol):
                     self._waiter = None
                 kind, raw = self._replies.popleft()
                 if kind == 0x44:  # 'D'
-                    rows.append(_data_row(raw[5:]))
+                    rows.append(tuple(msg.parse_data_row(raw[5:])))
                 elif kind == 0x45:  # 'E'
                     error = error or msg.parse_error_fields(raw[5:])
                 elif kind == 0x5A:  # 'Z'
@@ -250,20 +249,6 @@ class ControlLink(asyncio.Protocol):
             if error:
                 raise ControlUnavailable(f"{error.get('C')} {error.get('M')}")
             return rows
-
-
-def _data_row(body: bytes) -> tuple:
-    (count,) = struct.unpack_from("!h", body)
-    pos, values = 2, []
-    for _ in range(count):
-        (length,) = struct.unpack_from("!i", body, pos)
-        pos += 4
-        if length < 0:
-            values.append(None)
-        else:
-            values.append(body[pos:pos + length].decode("utf-8", "replace"))
-            pos += length
-    return tuple(values)
 
 
 async def connect(cfg, password: str | None, tls, on_notification, on_lost) -> ControlLink:

@@ -310,6 +310,24 @@ def _count(reader: BodyReader) -> int:
     return n
 
 
+def parse_data_row(body: bytes) -> list[str | None]:
+    """A DataRow's columns as text (NULL as None): for the proxy's own queries, in text format."""
+    try:
+        (count,) = _I16.unpack_from(body, 0)
+        pos, values = 2, []
+        for _ in range(count):
+            (size,) = _I32.unpack_from(body, pos)
+            pos += 4
+            if size < 0:
+                values.append(None)
+            else:
+                values.append(body[pos:pos + size].decode("utf-8", "replace"))
+                pos += size
+    except struct.error:
+        raise protocol_violation("malformed DataRow message") from None
+    return values
+
+
 def parse_execute_portal(body: bytes) -> str:
     end = body.find(0)
     if end < 0:

@@ -15,7 +15,8 @@ import pytest
 from pgproxy.auth import Identity
 from pgproxy.config import ConfigError, parse_config
 from pgproxy.control_admin import admin_request
-from pgproxy.control_plane import ControlLink, ControlUnavailable, _data_row, instance_name, state_path
+from pgproxy.control_plane import ControlLink, ControlUnavailable, instance_name, state_path
+from pgproxy.protocol.messages import parse_data_row
 from pgproxy.peering import (HEAD_SIZE, MAX_FRAME, FrameChecker, FrameError, cancel_owner, cancel_pid, encode_frame,
                              frame_length)
 from pgproxy.protocol import messages as msg
@@ -296,8 +297,8 @@ def test_link_closes_on_an_oversized_message():
 
 
 def test_data_row_parses_nulls_and_empties():
-    assert _data_row(struct.pack("!h", 3) + struct.pack("!i", -1) + struct.pack("!i", 0) + struct.pack("!i", 2)
-                     + b"hi") == (None, "", "hi")
+    assert tuple(parse_data_row(struct.pack("!h", 3) + struct.pack("!i", -1) + struct.pack("!i", 0)
+                                + struct.pack("!i", 2) + b"hi")) == (None, "", "hi")
 
 
 # --- configuration ---

@@ -4,7 +4,7 @@ import struct
 
 import pytest
 
-from pgproxy.errors import ClientError, auth_failed
+from pgproxy.errors import ClientError, PgProxyError, auth_failed
 from pgproxy.protocol import messages as msg
 
 
@@ -61,3 +61,10 @@ def test_startup_params_reject_duplicates_and_missing_terminator():
         msg.parse_startup_params(b"user\0a\0user\0b\0\0")
     with pytest.raises(ClientError):
         msg.parse_startup_params(b"user\0a\0")
+
+
+def test_a_data_row_reads_as_text_with_nulls_and_a_cut_one_is_refused():
+    body = struct.pack("!h", 3) + struct.pack("!i", 2) + b"ok" + struct.pack("!i", -1) + struct.pack("!i", 0)
+    assert msg.parse_data_row(body) == ["ok", None, ""]
+    with pytest.raises(PgProxyError):
+        msg.parse_data_row(body[:5])
