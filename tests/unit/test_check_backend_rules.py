@@ -11,6 +11,7 @@ import pytest
 
 from pgproxy import checkbackend as cb
 from pgproxy.config import parse_config
+from pgproxy.protocol import messages as msg
 from pgproxy.server import ProxyServer
 
 MINIMAL = {"backend": {"user": "pool"}, "auth": {"jwt": {"issuer": "https://idp", "audience": "pgproxy"}},
@@ -133,7 +134,7 @@ def _data_row(*values) -> bytes:
 
 
 def test_data_rows_are_decoded_with_nulls():
-    assert cb._columns(_data_row(b"a", None, "é".encode(), b"")) == ["a", None, "é", ""]
+    assert msg.parse_data_row(_data_row(b"a", None, "é".encode(), b"")[5:]) == ["a", None, "é", ""]
 
 
 def test_function_rows_become_findings_with_the_fix():
