@@ -39,7 +39,7 @@ from pathlib import Path
 
 from pgproxy import audit_formats as fmt
 from pgproxy.backend.connection import open_connection
-from pgproxy.config import AuditSinkRule, ConfigError, parse_listen
+from pgproxy.config import AuditSinkRule, ConfigError, check_postgres_login, parse_listen
 from pgproxy.errors import PgProxyError
 from pgproxy.protocol import messages as msg
 
@@ -480,12 +480,7 @@ def _check_postgresql(rule: AuditSinkRule, at: str, problems: list[str]) -> None
         problems.append(f"{at}.port: must be 1-65535")
     if not _TABLE.fullmatch(rule.table):
         problems.append(f"{at}.table: must be a plain table name or schema.table")
-    if rule.password_file and rule.password_env:
-        problems.append(f"{at}: set password_file or password_env, not both")
-    if rule.sslmode not in ("disable", "require", "verify-ca", "verify-full"):
-        problems.append(f"{at}.sslmode: must be disable, require, verify-ca or verify-full")
-    elif rule.sslmode.startswith("verify") and not rule.sslrootcert:
-        problems.append(f"{at}.sslrootcert: required with sslmode = {rule.sslmode}")
+    check_postgres_login(at, rule, problems)
 
 
 def sink_name(rule: AuditSinkRule, index: int) -> str:

@@ -616,6 +616,17 @@ def _join(path: str, key: str) -> str:
 _LISTEN = re.compile(r"^(?:\[(?P<v6>[0-9a-fA-F:.]+)\]|(?P<host>[^:\[\]]+)):(?P<port>\d{1,5})$")
 
 
+def check_postgres_login(where: str, section, problems: list[str]) -> None:
+    """The secret and TLS options every connection of the proxy's own to PostgreSQL has
+    (the PostgreSQL audit sink, the control database)."""
+    if section.password_file and section.password_env:
+        problems.append(f"{where}: set password_file or password_env, not both")
+    if section.sslmode not in ("disable", "require", "verify-ca", "verify-full"):
+        problems.append(f"{where}.sslmode: must be disable, require, verify-ca or verify-full")
+    elif section.sslmode.startswith("verify") and not section.sslrootcert:
+        problems.append(f"{where}.sslrootcert: required with sslmode = {section.sslmode}")
+
+
 def parse_listen(entry: str) -> tuple[str, int]:
     m = _LISTEN.match(entry)
     if not m or not 0 < int(m["port"]) < 65536:

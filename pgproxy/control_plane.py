@@ -57,7 +57,7 @@ import socket
 import time
 from collections import deque
 
-from pgproxy.config import parse_listen
+from pgproxy.config import check_postgres_login, parse_listen
 from pgproxy.errors import PgProxyError, auth_unavailable
 from pgproxy.protocol import messages as msg
 from pgproxy.protocol.framing import MessageReader
@@ -638,12 +638,7 @@ def check_rules(cfg, problems: list[str]) -> None:
         problems.append(f"{where}.user: required with control.database")
     if not control.database and (control.user or control.password_file or control.password_env):
         problems.append(f"{where}.database: set it too (user and password are for the control database)")
-    if control.password_file and control.password_env:
-        problems.append(f"{where}: set password_file or password_env, not both")
-    if control.sslmode not in ("disable", "require", "verify-ca", "verify-full"):
-        problems.append(f"{where}.sslmode: must be disable, require, verify-ca or verify-full")
-    elif control.sslmode.startswith("verify") and not control.sslrootcert:
-        problems.append(f"{where}.sslrootcert: required with sslmode = {control.sslmode}")
+    check_postgres_login(where, control, problems)
     if not 0 <= control.port < 65536:
         problems.append(f"{where}.port: must be 0-65535")
     if control.connect_timeout_s <= 0:
