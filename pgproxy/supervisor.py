@@ -11,7 +11,9 @@ Signals: SIGHUP is passed to every worker, which reloads the configuration file 
 SIGUSR1 is passed to every worker, which reopens its audit file (logrotate's postrotate);
 SIGTERM and SIGINT are passed to every worker, which shut down gracefully;
 the supervisor exits 0 once all have exited cleanly. A worker that dies otherwise is
-logged and restarted.
+logged and restarted. A supervisor that dies (SIGKILL, OOM killer) takes its workers with
+it: each asks the kernel for SIGTERM when its parent goes (PR_SET_PDEATHSIG), so no orphan
+keeps serving on the shared ports, heartbeating in the control schema, or holding backends.
 
 Watchdog: under systemd with WatchdogSec= (WATCHDOG_USEC set), the supervisor pings
 every worker over the control channel twice per watchdog period and sends WATCHDOG=1
@@ -55,6 +57,7 @@ class Supervisor:
         self.failed = False
         self._missed_pings: dict[int, int] = {}  # worker index -> pings in a row without answer
         self._kill_after = float("inf")  # stopping: workers still alive then are killed
+        self.pid = os.getpid()
 
     def run(self) -> int:
         """Call ``check_startup`` first (``cmd_serve`` does)."""
@@ -192,6 +195,7 @@ class Supervisor:
             os.close(self._wake_w)
             for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGCHLD):
                 signal.signal(sig, signal.SIG_DFL)
+            end_with_parent(self.pid)
             from pgproxy import cli, logs
             # Until the worker's loop handles SIGHUP, remember one rather than lose it.
             signal.signal(signal.SIGHUP, lambda *_: cli.early_sighup.update(pending=True))
@@ -210,6 +214,22 @@ class Supervisor:
         finally:
             logging.shutdown()
             os._exit(code)
+
+
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def end_with_parent(parent: int) -> None:
+    """SIGTERM this process when ``parent`` dies; at once if it already has (it may have
+    died between fork and here). Linux only: elsewhere the supervisor's SIGTERM is the way."""
+    try:
+        import ctypes
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent:
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 def cancel_socket_name(group: int, index: int) -> str:
