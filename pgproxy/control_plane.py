@@ -292,9 +292,11 @@ class ControlPlane:
         self.listeners: dict[str, list] = {}  # table -> callbacks(table) on its change notifications
         self._link: ControlLink | None = None
         self._task: asyncio.Task | None = None
+        self._stopping = False
         self._notes: asyncio.Queue | None = None
         self._first_sync: asyncio.Event | None = None
         self._peers: dict[int, str] = {}
+        self._clashes: set[tuple] = set()  # (peer_id, name, name) already logged
         self._started_at = time.time()
         self._saved_at = 0.0
         self._tls = control_tls(server.cfg) if self.configured else None
@@ -331,6 +333,7 @@ class ControlPlane:
             await asyncio.wait_for(self._first_sync.wait(), self.cfg.connect_timeout_s + 1)
 
     async def stop(self) -> None:
+        self._stopping = True  # no heartbeat may follow the delete below and bring the row back
         link = self._link
         if link is not None and not link.lost and self.primary:  # peers stop forwarding to us
             with contextlib.suppress(ControlUnavailable, asyncio.TimeoutError):
@@ -446,6 +449,20 @@ class ControlPlane:
         connection. ControlUnavailable if it is down."""
         return await self._query(sql, params)
 
+    def _peer_addresses(self, rows: list[tuple]) -> dict[int, str]:
+        """peer_id -> address from live heartbeats (oldest first, so the newest wins). Two
+        live instances with one peer_id would misroute each other's cancel requests: say so,
+        once per pair of names."""
+        peers, names = {}, {}
+        for peer_id, address, name in rows:
+            peer_id = int(peer_id)
+            if names.get(peer_id, name) != name and (peer_id, names[peer_id], name) not in self._clashes:
+                self._clashes.add((peer_id, names[peer_id], name))
+                log.error("two live instances claim one control.peer_id; cancel requests may go astray",
+                          extra={"peer_id": peer_id, "instances": f"{names[peer_id]},{name}"})
+            peers[peer_id], names[peer_id] = address, name
+        return peers
+
     async def _sync(self) -> None:
         """Write what is pending, read everything, heartbeat: the full re-read."""
         for rev_id in list(self.revocations.pending):
@@ -461,12 +478,12 @@ class ControlPlane:
                     ("id", "kind", "value", "reason", "created_at", "expires_at", "origin", "by"), row))))
             except ValueError as exc:
                 log.error("control database row ignored", extra={"id": row[0], "reason": str(exc)})
-        if self.primary:
+        if self.primary and not self._stopping:
             advertised = self.advertised()
             await self._query(_HEARTBEAT, (self.instance, socket.gethostname(), os.getpid(),
                                            self.server.cfg.control.peer_id, advertised, self._started_at))
         peers = await self._query(_PEERS, (self.cfg.sync_interval_s * HEARTBEAT_LIVE_FACTOR,))
-        self._peers = {int(p): address for p, address, _ in peers}
+        self._peers = self._peer_addresses(peers)
         had_pending = bool(self.revocations.pending)
         added, removed = self.revocations.replace(known)
         self.synced_at = time.time()

@@ -15,7 +15,7 @@ import pytest
 from pgproxy.auth import Identity
 from pgproxy.config import ConfigError, parse_config
 from pgproxy.control_admin import admin_request
-from pgproxy.control_plane import ControlLink, ControlUnavailable, instance_name, state_path
+from pgproxy.control_plane import ControlLink, ControlPlane, ControlUnavailable, instance_name, state_path
 from pgproxy.protocol.messages import parse_data_row
 from pgproxy.peering import (HEAD_SIZE, MAX_FRAME, FrameChecker, FrameError, cancel_owner, cancel_pid, encode_frame,
                              frame_length)
@@ -294,6 +294,18 @@ def test_link_closes_on_an_oversized_message():
     link.transport = FakeTransport()
     link.data_received(b"D" + struct.pack("!I", 1 << 30))
     assert link.transport.closed and link.lost
+
+
+def test_peer_addresses_newest_heartbeat_wins_and_a_clash_is_logged_once(caplog):
+    plane = ControlPlane(argparse.Namespace(cfg=parse_config(MINIMAL)))
+    rows = [("1", "10.0.0.1:7000", "A"), ("2", "10.0.0.2:7000", "B"), ("1", "10.0.0.9:7000", "A")]
+    assert plane._peer_addresses(rows) == {1: "10.0.0.9:7000", 2: "10.0.0.2:7000"}
+    assert not caplog.records  # one instance that moved: no clash
+    clash = [("1", "10.0.0.1:7000", "A"), ("1", "10.0.0.3:7000", "orphan")]
+    assert plane._peer_addresses(clash) == {1: "10.0.0.3:7000"}
+    assert plane._peer_addresses(clash) == {1: "10.0.0.3:7000"}
+    logged = [r for r in caplog.records if "claim one control.peer_id" in r.getMessage()]
+    assert len(logged) == 1 and logged[0].instances == "A,orphan"
 
 
 def test_data_row_parses_nulls_and_empties():
