@@ -283,38 +283,36 @@ class BackendConnection(asyncio.Protocol):
         self.session = None
         self.resume_reading()
 
-    def start_drain(self, scanner, owed: int) -> None:
-        """Its client left mid-request: from now on discard the server's output, following
-        message boundaries with the client's ``scanner`` (it may have stopped mid-message)."""
-        self._drainer = _Drainer(scanner, owed)
-        leftover = self.attach(self._drainer)
-        if leftover:
-            self._drainer.server_data(leftover)
+    def start_drain(self, reason: str) -> None:
+        """Its client left mid-request: log out at once, discarding whatever the server still
+        sends. PostgreSQL reads the Terminate after everything sent before it, so an unsynced
+        batch is rolled back, never committed; the half-close ends even a COPY FROM STDIN
+        that takes the Terminate for bad input. The server closes its end once the queries
+        queued ahead have finished: the pool's cancels see to that."""
+        self._drainer = _Drainer()
+        self.attach(self._drainer)
+        if self.state is not BackendState.CLOSED:
+            self.close_reason = f"{reason}; drained and logged out"  # logged when the server has left
+            self.transport.write(msg.TERMINATE)
+            if self.transport.can_write_eof():
+                self.transport.write_eof()
         self.resume_reading()
 
-    async def drain_and_close(self, reason: str, timeout: float) -> None:
-        """After start_drain: wait for the ``owed`` ReadyForQuery messages (the query was
-        cancelled), then log out and wait until the server has closed its end — so the pool
-        frees the slot only once PostgreSQL's backend is going away (never more than
-        pool_size of them). Anything slower than ``timeout``: abort."""
-        drainer = self._drainer
-        owed = drainer.owed
-        try:
-            if owed:
-                await asyncio.wait_for(asyncio.shield(drainer.done), timeout)
-            if self.state is not BackendState.CLOSED:
-                # Terminate, then half-close and read on until the server closes its end: it
-                # has then left (an unsynced implicit transaction is rolled back, never committed).
-                self.close_reason = f"{reason}; drained and logged out"
-                self.transport.write(msg.TERMINATE)
-                if self.transport.can_write_eof():
-                    self.transport.write_eof()
-                await asyncio.wait_for(asyncio.shield(drainer.lost), timeout)
-        except (asyncio.TimeoutError, PgProxyError) as exc:
-            self.close(f"{reason}; draining failed: {type(exc).__name__}", abort=True)
-        finally:
-            self.session = None
-            self.close(reason)
+    async def gone(self, timeout: float) -> bool:
+        """After start_drain: whether the server has closed its end within ``timeout``."""
+        lost = self._drainer.lost
+        if not lost.done() and self.state is not BackendState.CLOSED:
+            await asyncio.wait((lost,), timeout=timeout)
+        return lost.done() or self.state is BackendState.CLOSED
+
+    def end_drain(self, reason: str, left: bool) -> None:
+        """After start_drain: ``left``: the server has closed its end (PostgreSQL's backend
+        is going away, so the pool may open another); else abort the connection."""
+        self.session = None
+        if left:
+            self.close(self.close_reason or reason)
+        else:
+            self.close(f"{reason}; draining failed: the server did not log out in time", abort=True)
 
     def pause_reading(self) -> None:
         """The client reads slower than we receive: stop reading the server."""
@@ -390,31 +388,18 @@ async def send_cancel(host: str, port: int, pid: int, secret: int) -> None:
 
 
 class _Drainer:
-    """Stands in for the departed client while its connection is drained: follows message
-    boundaries with the client's own scanner (it may have stopped mid-message) and counts
-    ReadyForQuery messages."""
+    """Stands in for the departed client while its connection is drained: discards the
+    server's output and notes when the server has closed its end."""
 
-    def __init__(self, scanner, owed: int) -> None:
-        loop = asyncio.get_running_loop()
-        self.scanner, self.owed = scanner, owed
-        self.done, self.lost = loop.create_future(), loop.create_future()
+    def __init__(self) -> None:
+        self.lost = asyncio.get_running_loop().create_future()
 
     def server_data(self, data: bytes) -> None:
-        try:
-            found = self.scanner.feed(data)
-        except PgProxyError as exc:
-            if not self.done.done():
-                self.done.set_exception(exc)
-            return
-        for kind, _, _ in found:
-            if kind == 90:  # 'Z'
-                self.owed -= 1
-                if self.owed == 0 and not self.done.done():
-                    self.done.set_result(None)
+        pass
 
     def server_lost(self, reason: str) -> None:
-        if not self.done.done():
-            self.done.set_exception(ProxyFailure("server connection lost while draining", sqlstate="08006"))
+        if not self.lost.done():
+            self.lost.set_result(None)
 
     def pause_reading_client(self) -> None:
         pass

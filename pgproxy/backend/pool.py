@@ -30,6 +30,8 @@ from pgproxy.metrics import WAIT_BUCKETS, Histogram
 
 log = logging.getLogger("pgproxy.pool")
 
+DRAIN_CANCEL_WAIT_S = 0.1  # then 0.2, 0.4, ... up to 1 s: how long each cancel waits for the logout
+
 
 @dataclass
 class PoolStats:
@@ -209,26 +211,47 @@ class Pool:
             return
         self._spawn(self._reset_and_return(conn))
 
-    def drain(self, conn: BackendConnection, scanner, owed: int, reason: str) -> None:
-        """A client left mid-request: cancel its query, discard what the server still sends,
-        close the connection; the slot is free only once the server has closed its end (see
-        BackendConnection.drain_and_close). Never reused: a late cancel could hit the next query."""
+    def drain(self, conn: BackendConnection, reason: str) -> None:
+        """A client left mid-request: log out, cancel what runs, discard what the server still
+        sends; the slot is free only once the server has closed its end (see
+        BackendConnection.start_drain). Never reused: a late cancel could hit the next query."""
         if conn.broken or self.closed:
             conn.detach()
             self._forget(conn, reason)
             return
-        conn.start_drain(scanner, owed)
+        conn.start_drain(reason)
         self._spawn(self._drain(conn, reason))
 
     async def _drain(self, conn: BackendConnection, reason: str) -> None:
+        """Cancel until the server has logged out. One cancel is not enough: PostgreSQL
+        ignores a cancel that arrives while its backend waits for a command, so a query still
+        on its way (the client left just after sending it) would run to its end, maybe sending
+        gigabytes to discard while the slot stays taken; and queries pipelined behind a
+        cancelled one run next. Re-sent with backoff for up to connect_timeout_s; a server
+        still there then is cut off."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._cfg.connect_timeout_s
+        left = False
         try:
-            try:
-                await asyncio.wait_for(send_cancel(self._cfg.host, self._cfg.port, conn.pid, conn.secret),
-                                       self._cfg.connect_timeout_s)
-            except (OSError, asyncio.TimeoutError) as exc:
-                log.info("cancel for a departed client failed", extra={"backend_pid": conn.pid, "reason": repr(exc)})
-            await conn.drain_and_close(reason, self._cfg.connect_timeout_s)
+            wait, attempt = DRAIN_CANCEL_WAIT_S, 1
+            while True:
+                try:
+                    await asyncio.wait_for(send_cancel(self._cfg.host, self._cfg.port, conn.pid, conn.secret),
+                                           max(0.0, deadline - loop.time()))
+                except (OSError, asyncio.TimeoutError) as exc:
+                    log.info("cancel for a departed client failed", extra={"backend_pid": conn.pid,
+                                                                           "reason": repr(exc)})
+                    break
+                left = await conn.gone(min(wait, max(0.0, deadline - loop.time())))
+                if left or loop.time() >= deadline:
+                    break
+                attempt += 1
+                log.debug("cancel sent again while draining", extra={"backend_pid": conn.pid, "attempt": attempt})
+                wait = min(wait * 2, 1.0)
+            if not left:
+                left = await conn.gone(max(0.0, deadline - loop.time()))
         finally:
+            conn.end_drain(reason, left)
             self._forget(conn, reason)
 
     def _spawn(self, coro) -> None:

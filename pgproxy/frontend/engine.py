@@ -911,19 +911,17 @@ class Engine:
                 yield entry.statement
 
     def leave(self) -> tuple:
-        """The client has gone: (what to do with the connection, the connection, replies
-        still owed). Statements in flight are audited as client_gone."""
+        """The client has gone: (what to do with the connection, the connection).
+        Statements in flight are audited as client_gone."""
         backend, self.backend = self.backend, None
         self.state = CLOSED
         if backend is None:
-            return None, None, 0
+            return None, None
         for statement in self.pending_statements():
             self.actions.append((AUDIT, statement, "client_gone", backend.pid))
         if self.pipeline or self.sync_owed or not self.scanner.at_boundary:
-            # The server still owes a ReadyForQuery per Sync and Query sent (its replies to
-            # what the proxy synthesized excepted). An unsynced batch gets no Sync: that would
-            # commit it; logging out rolls it back.
-            owed = sum(1 for e in self.pipeline.pending() if e.kind in (SYNC, QUERY) and e.action != SYNTH)
+            # Replies still owed (or a batch without its Sync, which must not get one: that
+            # would commit it; logging out rolls it back): the pool cancels and logs out.
             self.pipeline.clear()
-            return DRAIN, backend, owed
-        return self.mode.on_leave(self), backend, 0
+            return DRAIN, backend
+        return self.mode.on_leave(self), backend

@@ -227,12 +227,12 @@ class Relay:
         """The session ends: give the connection back in whatever state allows it."""
         if self.acquiring is not None:
             self.acquiring.cancel()
-        what, backend, owed = self.engine.leave()
+        what, backend = self.engine.leave()
         self._run()  # the audit records of what was in flight
         if backend is None:
             return
         if what == DRAIN:
-            self.pool.drain(backend, self.engine.scanner, owed, reason=f"client left mid-request ({reason})")
+            self.pool.drain(backend, reason=f"client left mid-request ({reason})")
         elif what == GIVE_BACK:
             self.pool.give_back(backend)
         else:

@@ -454,3 +454,34 @@ def test_clients_that_never_read_free_their_backends(base_config, issuer, databa
         sampler.join(5)
         sampler_conn.close()
         assert proxy.stop() == 0, proxy.log()[-3000:]
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_pipelined_queries_of_a_departed_client_are_all_cancelled(base_config, issuer, database, su, own_pool_role,
+                                                                   mode):
+    """Three long queries sent at once, then the client leaves: a single cancel would stop
+    the first and the next would run (and hold the only slot) for its full 30 s."""
+    proxy = ProxyProcess(_config(base_config, su, mode, pool_size=1, acquire_timeout_s=3, **own_pool_role))
+    watcher = psycopg.connect(f"{database.superuser_dsn} dbname=demo", autocommit=True)
+
+    def sleeping() -> int:
+        return watcher.execute("SELECT count(*) FROM pg_stat_activity WHERE usename = %s AND state = 'active' "
+                               "AND query LIKE 'SELECT pg_sleep(30)%%'", (ISOLATED_POOL_ROLE,)).fetchone()[0]
+    try:
+        alice = Client.connect(proxy.port, issuer, "alice", timeout=10, baseline=False)
+        assert alice.logged_in
+        alice.send(query("SELECT pg_sleep(30)") * 3)
+        assert wait_until(lambda: sleeping() == 1, timeout=5, interval=0.05), "the first query never ran"
+        alice.close()
+        assert wait_until(lambda: sleeping() == 0, timeout=5, interval=0.1), \
+            "a pipelined query of the departed client still runs"
+        started = time.monotonic()
+        bob = Client.connect(proxy.port, issuer, "bob", timeout=10)
+        assert bob.logged_in, describe([r for r in bob.login_replies if r])
+        assert data_rows(bob.simple("SELECT current_user")) == [("amer_analyst",)]
+        assert time.monotonic() - started < 3, "bob waited for the departed client's queries"
+        bob.close()
+        assert sleeping() == 0
+    finally:
+        watcher.close()
+        assert proxy.stop() == 0, proxy.log()[-3000:]

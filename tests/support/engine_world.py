@@ -143,7 +143,7 @@ class World:
         client.gone = True
         if client in self.waiters:
             self.waiters.remove(client)
-        what, conn, _owed = client.engine.leave()
+        what, conn = client.engine.leave()
         self.run()
         if conn is None:
             return
@@ -208,7 +208,7 @@ class World:
         actions.clear()
         if client.gone and client.engine.backend is not None:
             # Its session ended: as ClientSession.connection_lost does, the relay lets go.
-            what, conn, _owed = client.engine.leave()
+            what, conn = client.engine.leave()
             self._actions(client)
             self.holder.pop(conn, None)
             if conn.closed or what == DRAIN:

@@ -254,8 +254,8 @@ def test_leaving_mid_request_drains_a_clean_one_goes_back_and_session_pooling_re
     world = World("transaction", connections=1)
     alice = world.login("alice")
     world.send(alice, query("SELECT 1"))
-    what, conn, owed = alice.engine.leave()
-    assert (what, owed) == (DRAIN, 1)
+    what, conn = alice.engine.leave()
+    assert what == DRAIN
     world = World("transaction", connections=1)
     alice = world.login("alice")
     world.send(alice, query("BEGIN"))
@@ -263,7 +263,7 @@ def test_leaving_mid_request_drains_a_clean_one_goes_back_and_session_pooling_re
     assert alice.engine.leave()[0] == RESET  # a transaction open: reset before reuse
     world = World("transaction", connections=1)
     alice = world.login("alice")
-    assert alice.engine.leave() == (None, None, 0)  # between transactions it holds nothing
+    assert alice.engine.leave() == (None, None)  # between transactions it holds nothing
     world = World("session", connections=1)
     alice = world.login("alice")
     assert alice.engine.leave()[0] == RESET
