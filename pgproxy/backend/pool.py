@@ -196,17 +196,11 @@ class Pool:
                                                       "backend_pid": conn.pid})
         return conn
 
-    def release(self, conn: BackendConnection, reusable: bool, reason: str = "", busy: bool = False) -> None:
-        """Take a connection back from a session. Not reusable means: close it.
-
-        ``busy``: a request may still be running. PostgreSQL does not notice a closed
-        socket until it next reads, so the running query is cancelled first.
-        """
+    def release(self, conn: BackendConnection, reusable: bool, reason: str = "") -> None:
+        """Take a connection back from a session at a message boundary with nothing owed
+        (one mid-request goes to ``drain``). Not reusable means: close it."""
         conn.detach()
         if not reusable or conn.broken or self.closed:
-            if busy and not conn.broken:
-                self._spawn(send_cancel(self._cfg.host, self._cfg.port, conn.pid, conn.secret))
-                conn.close(reason or "closed while busy", abort=True)
             self._forget(conn, reason or conn.close_reason or "not reusable")
             return
         self._spawn(self._reset_and_return(conn))

@@ -45,3 +45,18 @@ def test_bench_smoke_runs_all_targets_and_writes_its_report(tmp_path):
     ldap = report["summary"]["ldap_connect"]  # directory logins per second, cache off and on
     assert ldap["cache_off"] > 0 and ldap["cache_on"] > 0
     assert "8 new LDAP-authenticated connections/s" in result.stdout
+
+
+def test_bench_ab_compares_a_revision_with_the_working_tree():
+    """python -m bench.ab: a revision checked out beside this tree, both served at once."""
+    result = subprocess.run([sys.executable, "-m", "bench.ab", "HEAD", "--only", "select_simple", "--rounds", "1",
+                             "--seconds", "1", "--pure"], cwd=ROOT, capture_output=True, text=True, timeout=240)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "before: HEAD (pure Python)" in result.stdout and "(pure Python)" in result.stdout.split("after:")[1]
+    (row,) = [line for line in result.stdout.splitlines() if line.startswith("| 1 select-only")]
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    before_tps, after_tps = (float(x.replace(",", "")) for x in cells[1].split(" → "))
+    assert before_tps > 0 and after_tps > 0
+    assert cells[2].endswith("%") and cells[4].endswith("%")
+    worktrees = subprocess.run(["git", "worktree", "list"], cwd=ROOT, capture_output=True, text=True).stdout
+    assert "pgproxy-ab-" not in worktrees  # the temporary checkout is gone

@@ -19,7 +19,7 @@ import pytest
 from pgproxy.metrics import SERIES
 from pgproxy.pgcluster import free_port
 from tests.support.ops import http_get, scrape, value
-from tests.support.proxy import ProxyProcess, merge
+from tests.support.proxy import ProxyProcess, merge, on_every_worker
 from tests.support.wire import error_fields, login, login_error
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -52,14 +52,15 @@ def admin_cli(proxy: ProxyProcess, *args: str) -> subprocess.CompletedProcess:
 
 
 def test_metrics_sum_both_workers_and_cover_every_declared_series(base_config, issuer, tmp_path):
-    proxy = ProxyProcess(merge(base_config, ops_config(tmp_path, workers=2, backend={"pool_size": 8})))
+    proxy = ProxyProcess(merge(base_config, ops_config(tmp_path, workers=2, backend={"pool_size": 16})))
     token = issuer.mint("alice", ["sales_emea"])
     conns = []
     try:
         assert http(proxy, "/healthz", token=None) == (200, b"ok\n")
         status, body = http(proxy, "/readyz", token=None)
         assert (status, json.loads(body)) == (200, {"ready": True, "problems": []})
-        conns = [psycopg.connect(proxy.dsn("alice"), password=token, autocommit=True) for _ in range(8)]
+        conns = on_every_worker(lambda: psycopg.connect(proxy.dsn("alice"), password=token, autocommit=True), proxy)
+        n = len(conns)
         for i, conn in enumerate(conns):
             conn.execute("SELECT 1").fetchall()
             conn.execute("INSERT INTO items VALUES (%s, 'metric') ON CONFLICT DO NOTHING", (9000 + i,))
@@ -71,15 +72,15 @@ def test_metrics_sum_both_workers_and_cover_every_declared_series(base_config, i
 
         samples = scrape_proxy(proxy)
         workers_seen = {int(w) for w in re.findall(r'msg="session started".* worker=(\d)', proxy.log())}
-        assert workers_seen == {0, 1}, "the kernel should spread 8 connections over both workers"
+        assert workers_seen == {0, 1}, "the kernel should spread the connections over both workers"
         assert value(samples, "pgproxy_workers") == 2
         # Counted in both workers, summed here.
-        assert value(samples, "pgproxy_statements_total", **{"class": "READ", "outcome": "ok"}) >= 8
-        assert value(samples, "pgproxy_statements_total", **{"class": "WRITE", "outcome": "ok"}) == 8
+        assert value(samples, "pgproxy_statements_total", **{"class": "READ", "outcome": "ok"}) >= n
+        assert value(samples, "pgproxy_statements_total", **{"class": "WRITE", "outcome": "ok"}) == n
         assert value(samples, "pgproxy_statements_total", **{"class": "READ", "outcome": "error"}) == 1
-        assert value(samples, "pgproxy_statement_duration_seconds_count", **{"class": "WRITE"}) == 8
-        assert value(samples, "pgproxy_client_connections", state="idle") == 8
-        assert value(samples, "pgproxy_backend_connections", database="demo", state="in_use") == 8
+        assert value(samples, "pgproxy_statement_duration_seconds_count", **{"class": "WRITE"}) == n
+        assert value(samples, "pgproxy_client_connections", state="idle") == n
+        assert value(samples, "pgproxy_backend_connections", database="demo", state="in_use") == n
         assert value(samples, "pgproxy_pool_wait_seconds_count", database="demo") >= 8
         # carol authenticates (ok) but no rule maps her to a role: a denial, not a failed login.
         assert value(samples, "pgproxy_auth_attempts_total", method="jwt", result="ok") == 9
@@ -119,10 +120,12 @@ def test_readyz_names_what_is_missing_and_healthz_stays_up(base_config, tmp_path
 
 
 def test_terminate_ends_every_session_of_a_person_across_workers_within_a_second(base_config, issuer, tmp_path):
-    proxy = ProxyProcess(merge(base_config, ops_config(tmp_path, workers=2, backend={"pool_size": 10})))
+    proxy = ProxyProcess(merge(base_config, ops_config(tmp_path, workers=2, backend={"pool_size": 18})))
     alice, bob = issuer.mint("alice", ["sales_emea"]), issuer.mint("bob", ["sales_amer"])
     try:
-        alice_wires = [login(proxy.port, "alice", alice, application_name="notebook")[0] for _ in range(8)]
+        alice_wires = on_every_worker(lambda: login(proxy.port, "alice", alice, application_name="notebook")[0],
+                                      proxy, r'msg="session started" .*user=alice.* worker=(\d)')
+        n = len(alice_wires)
         bob_conn = psycopg.connect(proxy.dsn("bob"), password=bob, autocommit=True)
         assert {int(w) for w in re.findall(r'msg="session started" .*user=alice.* worker=(\d)', proxy.log())} \
             == {0, 1}, "alice's sessions should be on both workers"
@@ -130,17 +133,17 @@ def test_terminate_ends_every_session_of_a_person_across_workers_within_a_second
         listing = admin_cli(proxy, "sessions", "alice")
         assert listing.returncode == 0, listing.stderr
         rows = [line.split() for line in listing.stdout.splitlines()[1:]]
-        assert len(rows) == 8 and all(r[0] == "alice" and r[1] == "emea_analyst" and r[3] == "notebook"
+        assert len(rows) == n and all(r[0] == "alice" and r[1] == "emea_analyst" and r[3] == "notebook"
                                       for r in rows), listing.stdout
         status, body = http(proxy, "/admin/sessions")
-        assert status == 200 and sorted(s["user"] for s in json.loads(body)) == ["alice"] * 8 + ["bob"]
+        assert status == 200 and sorted(s["user"] for s in json.loads(body)) == ["alice"] * n + ["bob"]
 
         for wire in alice_wires:
             wire.sock.settimeout(1.0)
         started = time.monotonic()
         done = admin_cli(proxy, "terminate", "alice", "--block", "60")
         assert done.returncode == 0, done.stderr
-        assert json.loads(done.stdout)["sessions_ended"] == 8
+        assert json.loads(done.stdout)["sessions_ended"] == n
         for wire in alice_wires:
             kind, body = wire.read_message()
             assert kind == "E" and error_fields(body)["C"] == "57P01"
@@ -153,16 +156,16 @@ def test_terminate_ends_every_session_of_a_person_across_workers_within_a_second
         samples = scrape_proxy(proxy)
         assert value(samples, "pgproxy_auth_attempts_total", method="jwt", result="refused") == 1
         assert value(samples, "pgproxy_denials_total", reason="blocked") == 1
-        assert value(samples, "pgproxy_admin_terminations_total") == 8
+        assert value(samples, "pgproxy_admin_terminations_total") == n
         assert admin_cli(proxy, "unblock", "alice").returncode == 0
         with psycopg.connect(proxy.dsn("alice"), password=alice) as conn:
             assert conn.execute("SELECT current_setting('pgproxy.user')").fetchone() == ("alice",)
 
         records = proxy.audit(lambda r: r.get("event") == "admin_unblock")
         action = [r for r in records if r.get("event") == "admin_terminate"]
-        assert len(action) == 1 and action[0]["target_user"] == "alice" and action[0]["sessions_ended"] == 8
+        assert len(action) == 1 and action[0]["target_user"] == "alice" and action[0]["sessions_ended"] == n
         ended = [r for r in records if r.get("event") == "session_end" and r["user"] == "alice"]
-        assert sum("terminated by an operator" in r["reason"] for r in ended) == 8
+        assert sum("terminated by an operator" in r["reason"] for r in ended) == n
         assert TOKEN not in proxy.log() and TOKEN not in proxy.audit_path.read_text()
         bob_conn.close()
     finally:

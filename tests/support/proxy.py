@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -27,6 +28,17 @@ def wait_for_port(port: int, process: subprocess.Popen, timeout: float = 15) -> 
         except OSError:
             time.sleep(0.05)
     raise RuntimeError(f"nothing listens on port {port}")
+
+
+def on_every_worker(open_one, proxy: "ProxyProcess", pattern: str = r'msg="session started".* worker=(\d)',
+                    workers: int = 2, at_least: int = 8, most: int = 16) -> list:
+    """``at_least`` connections from ``open_one()``, and more (up to ``most``) until the log
+    shows sessions (``pattern``, its group the worker) on every worker. The kernel's
+    SO_REUSEPORT hash decides where each lands: 8 miss one of two workers 1 time in 128."""
+    opened = [open_one() for _ in range(at_least)]
+    while len(opened) < most and {int(w) for w in re.findall(pattern, proxy.log())} != set(range(workers)):
+        opened.append(open_one())
+    return opened
 
 
 def to_toml(table: dict, prefix: str = "") -> str:
