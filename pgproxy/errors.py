@@ -54,14 +54,25 @@ def no_user_name() -> ClientError:
     return ClientError("no PostgreSQL user name specified in startup packet", sqlstate="28000", severity="FATAL")
 
 
+def not_allowed(user: str, log_detail: str, denial: str, why: str = "") -> ClientError:
+    """28000 at login: the client learns that it may not connect (and ``why`` in general
+    terms, when there is one); the precise reason goes to the log."""
+    return ClientError(f'user "{user}" is not allowed to connect' + (f": {why}" if why else ""), sqlstate="28000",
+                       severity="FATAL", log_detail=log_detail, denial=denial)
+
+
 def not_authorized(user: str, reason: str) -> ClientError:
-    return ClientError(f'user "{user}" is not allowed to connect', sqlstate="28000",
-                       severity="FATAL", log_detail=reason, denial="not_authorized")
+    return not_allowed(user, reason, "not_authorized")
 
 
 def blocked_by_operator(user: str) -> ClientError:
-    return ClientError(f'user "{user}" is not allowed to connect', sqlstate="28000", severity="FATAL",
-                       log_detail="blocked by an operator (admin API)", denial="blocked")
+    return not_allowed(user, "blocked by an operator (admin API)", "blocked")
+
+
+def credential_ended(message: str, log_detail: str) -> ClientError:
+    """28000 for a session whose sign-in ended (token expired, directory re-check failed,
+    temporary access over): the client is told to sign in again, the log says why."""
+    return ClientError(message, sqlstate="28000", severity="FATAL", log_detail=log_detail)
 
 
 class AuthUnavailable(ProxyFailure):
@@ -111,9 +122,9 @@ def shutting_down() -> ProxyFailure:
                         sqlstate="57P01", severity="FATAL")
 
 
-def terminated_by_operator() -> ProxyFailure:
+def terminated_by_operator(log_detail: str = "terminated by an operator (admin API)") -> ProxyFailure:
     return ProxyFailure("terminating connection due to administrator command", sqlstate="57P01",
-                        severity="FATAL", log_detail="terminated by an operator (admin API)")
+                        severity="FATAL", log_detail=log_detail)
 
 
 def proxy_protocol_refused(reason: str) -> ClientError:

@@ -23,7 +23,7 @@ import time
 import urllib.request
 
 from pgproxy import grants as g
-from pgproxy.errors import ClientError, PgProxyError
+from pgproxy.errors import ClientError, PgProxyError, credential_ended
 
 log = logging.getLogger("pgproxy.grants")
 
@@ -31,8 +31,8 @@ WEBHOOK_MAX_ANSWER = 64 * 1024
 
 
 def grant_ended(grant: g.Grant, why: str) -> ClientError:
-    return ClientError(f'your temporary access to role "{grant.role}" has ended', sqlstate="28000",
-                       severity="FATAL", log_detail=f"grant {grant.id} of role {grant.role} {why}")
+    return credential_ended(f'your temporary access to role "{grant.role}" has ended',
+                            f"grant {grant.id} of role {grant.role} {why}")
 
 
 def iso(t: float | None) -> str | None:
@@ -109,8 +109,7 @@ class GrantService:
                 continue  # its [[access]] conditions lowered it to a fallback role: the grant gave it nothing
             why = "was ended by an operator" if grant is not None and grant.ended_at is not None else "expired"
             session.end(grant_ended(grant, why) if grant is not None else
-                        ClientError("your temporary access has ended", sqlstate="28000", severity="FATAL",
-                                    log_detail=f"grant {grant_id} is no longer known"))
+                        credential_ended("your temporary access has ended", f"grant {grant_id} is no longer known"))
             ended += 1
         if ended:
             self.server.metrics.count("pgproxy_grant_sessions_ended", n=ended)

@@ -32,7 +32,7 @@ import time
 import uuid
 from dataclasses import asdict, dataclass
 
-from pgproxy.errors import ClientError, ProxyFailure
+from pgproxy.errors import ClientError, ProxyFailure, not_allowed, terminated_by_operator
 
 log = logging.getLogger("pgproxy.revocations")
 
@@ -219,15 +219,13 @@ class RevocationSet:
 
 def revoked_login(user: str, rev: Revocation) -> ClientError:
     """28000, as for a block: the client learns only that it may not connect."""
-    denial = "blocked" if rev.kind == "block" else "revoked"
-    who = "blocked by an operator (admin API)" if rev.kind == "block" else "revoked by an operator"
-    return ClientError(f'user "{user}" is not allowed to connect', sqlstate="28000", severity="FATAL",
-                       log_detail=f"{who}: {rev.describe()}", denial=denial)
+    if rev.kind == "block":
+        return not_allowed(user, f"blocked by an operator (admin API): {rev.describe()}", "blocked")
+    return not_allowed(user, f"revoked by an operator: {rev.describe()}", "revoked")
 
 
 def revoked_session(rev: Revocation) -> ProxyFailure:
-    return ProxyFailure("terminating connection due to administrator command", sqlstate="57P01", severity="FATAL",
-                        log_detail=f"revoked by an operator: {rev.describe()}")
+    return terminated_by_operator(f"revoked by an operator: {rev.describe()}")
 
 
 # --- the state file ---------------------------------------------------------------------

@@ -27,7 +27,7 @@ import ipaddress
 from dataclasses import dataclass
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from pgproxy.errors import ClientError
+from pgproxy.errors import ClientError, credential_ended, not_allowed
 
 DAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
 MAX_FALLBACKS = 8  # a chain of lowerings is at most this long (cycles are refused at load)
@@ -179,20 +179,18 @@ def _matches(value: str, patterns: tuple[str, ...]) -> bool:
 
 def access_refused(user: str, unmet: list[Unmet]) -> ClientError:
     """28000 naming the first unmet condition in general terms; every detail goes to the log."""
-    return ClientError(f'user "{user}" is not allowed to connect: {unmet[0].message}', sqlstate="28000",
-                       severity="FATAL", log_detail="; ".join(u.detail for u in unmet), denial="access_condition")
+    return not_allowed(user, "; ".join(u.detail for u in unmet), "access_condition", why=unmet[0].message)
 
 
 def token_expired(detail: str) -> ClientError:
-    return ClientError("token expired, sign in again", sqlstate="28000", severity="FATAL", log_detail=detail)
+    return credential_ended("token expired, sign in again", detail)
 
 
 def sign_in_revoked(detail: str) -> ClientError:
     """A directory session that failed its re-check (locked, disabled, removed, or the
     directory could not be asked past the grace): the client hears only that it must sign in
     again."""
-    return ClientError("your sign-in is no longer valid, sign in again", sqlstate="28000", severity="FATAL",
-                       log_detail=detail)
+    return credential_ended("your sign-in is no longer valid, sign in again", detail)
 
 
 # --- configuration ------------------------------------------------------------------
