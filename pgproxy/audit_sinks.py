@@ -42,6 +42,7 @@ from pgproxy.backend.connection import open_connection
 from pgproxy.config import AuditSinkRule, ConfigError, check_postgres_login, parse_listen
 from pgproxy.errors import PgProxyError
 from pgproxy.protocol import messages as msg
+from pgproxy.tls import postgres_context
 
 log = logging.getLogger("pgproxy.audit.sinks")
 
@@ -501,7 +502,7 @@ def build_sinks(cfg) -> list[QueuedSink]:
                             SyslogSink(rule, sink_name(rule, i), instance, tls))
         else:
             password = _password(rule, at, problems)
-            tls = _postgres_tls(rule, at, problems)
+            tls = postgres_context(rule.sslmode, rule.sslrootcert, at, problems)
             prepared.append(lambda rule=rule, i=i, instance=instance, password=password, tls=tls:
                             PostgresSink(rule, sink_name(rule, i), instance, password, tls))
     if problems:
@@ -551,15 +552,6 @@ def _syslog_tls(rule: AuditSinkRule, at: str, problems: list[str]) -> ssl.SSLCon
     return ctx
 
 
-def _postgres_tls(rule: AuditSinkRule, at: str, problems: list[str]) -> ssl.SSLContext | None:
-    if rule.sslmode == "disable":
-        return None
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-    if rule.sslmode == "require":  # libpq's meaning: encrypted, not verified
-        ctx.check_hostname = False
-        ctx.verify_mode = ssl.CERT_NONE
-        return ctx
     ctx.check_hostname = rule.sslmode == "verify-full"
     try:
         ctx.load_verify_locations(rule.sslrootcert)

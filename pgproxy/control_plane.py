@@ -267,9 +267,9 @@ def control_tls(cfg):
     control = cfg.control
     if control.sslmode == "disable":
         return None
-    from pgproxy.audit_sinks import _postgres_tls  # the same libpq-like sslmode rules
+    from pgproxy.tls import postgres_context
     problems: list[str] = []
-    ctx = _postgres_tls(control, "control", problems)
+    ctx = postgres_context(control.sslmode, control.sslrootcert, "control", problems)
     if problems:
         from pgproxy.config import ConfigError
         raise ConfigError(problems)

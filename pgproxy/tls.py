@@ -54,25 +54,34 @@ def _client_context(cfg: Config, problems: list[str]) -> ssl.SSLContext | None:
 
 def _backend_context(cfg: Config, problems: list[str]) -> ssl.SSLContext | None:
     backend = cfg.backend
-    if backend.sslmode == "disable":
+    return postgres_context(backend.sslmode, backend.sslrootcert, "backend", problems, backend.sslcert,
+                            backend.sslkey)
+
+
+def postgres_context(sslmode: str, sslrootcert: str, at: str, problems: list[str], sslcert: str = "",
+                     sslkey: str = "") -> ssl.SSLContext | None:
+    """A client context for a connection to PostgreSQL with libpq's sslmode meanings: the
+    pools', the PostgreSQL audit sink's and the control database's. Problems name ``at``."""
+    if sslmode == "disable":
         return None
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-    if backend.sslmode == "require":
+    if sslmode == "require":  # encrypted, not verified
         ctx.check_hostname = False
         ctx.verify_mode = ssl.CERT_NONE
     else:
-        ctx.check_hostname = backend.sslmode == "verify-full"
+        ctx.check_hostname = sslmode == "verify-full"
         ctx.verify_mode = ssl.CERT_REQUIRED
         try:
-            ctx.load_verify_locations(backend.sslrootcert)
+            ctx.load_verify_locations(sslrootcert)
         except (OSError, ssl.SSLError) as exc:
-            problems.append(f"backend.sslrootcert: {exc}")
-    if backend.sslcert:
+            problems.append(f"{at}.sslrootcert: {exc}")
+            return None
+    if sslcert:
         try:
-            ctx.load_cert_chain(backend.sslcert, backend.sslkey)
+            ctx.load_cert_chain(sslcert, sslkey)
         except (OSError, ssl.SSLError) as exc:
-            problems.append(f"backend.sslcert: cannot load certificate and key: {exc}")
+            problems.append(f"{at}.sslcert: cannot load certificate and key: {exc}")
     return ctx
 
 
