@@ -17,7 +17,7 @@ import pytest
 
 from pgproxy.pgcluster import free_port
 from tests.support.ops import http_get, scrape, value
-from tests.support.proxy import ProxyProcess, merge
+from tests.support.proxy import ProxyProcess, merge, on_every_worker
 from tests.support.wire import error_fields, login, login_error
 
 TOKEN = "revoke-admin-token-0123456789"
@@ -48,9 +48,8 @@ def test_revoke_ends_sessions_on_every_worker_refuses_logins_survives_a_restart_
 
         # The kernel spreads connections over the workers at random: at least 6 sessions, and
         # more until both workers have some (9 at most, within pool_size with bob's).
-        wires = [login(proxy.port, "alice", alice)[0] for _ in range(6)]
-        while alice_workers() != {0, 1} and len(wires) < 9:
-            wires.append(login(proxy.port, "alice", alice)[0])
+        wires = on_every_worker(lambda: login(proxy.port, "alice", alice)[0], proxy,
+                                r'msg="session started" .*user=alice.* worker=(\d)', at_least=6, most=9)
         bob_conn = psycopg.connect(proxy.dsn("bob"), password=bob, autocommit=True)
         assert alice_workers() == {0, 1}, "alice's sessions should be on both workers"
         for wire in wires:

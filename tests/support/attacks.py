@@ -65,21 +65,7 @@ SYNC, FLUSH = msg.SYNC, msg.message(b"H")
 
 def data_rows(replies: list) -> list[tuple]:
     """The DataRows among ``replies`` as tuples of str (None for NULL)."""
-    out = []
-    for kind, body in replies:
-        if kind != "D":
-            continue
-        (count,), pos, row = struct.unpack_from("!h", body), 2, []
-        for _ in range(count):
-            (length,) = struct.unpack_from("!i", body, pos)
-            pos += 4
-            if length < 0:
-                row.append(None)
-            else:
-                row.append(body[pos:pos + length].decode("utf-8", "replace"))
-                pos += length
-        out.append(tuple(row))
-    return out
+    return [tuple(msg.parse_data_row(body)) for kind, body in replies if kind == "D"]
 
 
 def errors(replies: list) -> list[dict[str, str]]:
