@@ -21,7 +21,7 @@ from typing import NamedTuple
 from pglast.parser import ParseError
 
 from pgproxy.policy import dict_nodes
-from pgproxy.policy.parsed import statements
+from pgproxy.policy.parsed import literal_shape, statements
 
 CACHE_SIZE = 20_000
 CURSOR_OPT_HOLD = 0x0020  # PostgreSQL's parsenodes.h
@@ -45,6 +45,11 @@ class Effects(NamedTuple):
 
 NOTHING = Effects()
 _cache: OrderedDict[str, Effects] = OrderedDict()
+# Shapes (literals blanked) of plain DML known to have no effect, with their Effects:
+# "UPDATE t SET a = 5" has "set" in it, and without this every new literal would be parsed
+# (over 100 µs).
+_inert_shapes: OrderedDict[str, Effects] = OrderedDict()
+_PLAIN_DML = frozenset({"SelectStmt", "InsertStmt", "UpdateStmt", "DeleteStmt"})
 # Client encodings PostgreSQL cannot use on the server: in these a multibyte character's
 # second byte can be an ASCII quote-or-backslash look-alike (0x5C), so text that the proxy
 # reads one way PostgreSQL reads another. pgproxy refuses them (names as PostgreSQL
@@ -77,11 +82,34 @@ def session_effects(sql: str) -> Effects:
     if effects is not None:
         _cache.move_to_end(sql)
         return effects
+    shape = literal_shape(sql)
+    if shape is not None:
+        effects = _inert_shapes.get(shape)
+        if effects is not None:
+            return effects
     effects = _inspect(sql)
     _cache[sql] = effects
     if len(_cache) > CACHE_SIZE:
         _cache.popitem(last=False)
+    if shape is not None and effects == Effects(alone=effects.alone) and _literal_free(sql):
+        _inert_shapes[shape] = effects
+        if len(_inert_shapes) > CACHE_SIZE:
+            _inert_shapes.popitem(last=False)
     return effects
+
+
+def _literal_free(sql: str) -> bool:
+    """Whether no literal could change what ``sql`` does to the session: plain DML with no
+    function call anywhere (set_config's arguments, advisory locks' keys) and not touching
+    pg_settings (an UPDATE of it is a SET whose name and value are literals)."""
+    if "pg_settings" in sql.lower():
+        return False
+    try:
+        nodes = statements(sql)
+    except (ParseError, ValueError):
+        return False
+    return all(kind in _PLAIN_DML for node in nodes for kind in node) and \
+        not any("FuncCall" in node for node in dict_nodes(nodes))
 
 
 def _inspect(sql: str) -> Effects:

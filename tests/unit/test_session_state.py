@@ -101,3 +101,43 @@ def test_copy_from_stdin_is_recognised():
 def test_ordinary_settings_follow_the_client(sql, settings):
     effects = session_effects(sql)
     assert effects.pin == "" and effects.settings == settings
+
+
+def _fresh_caches():
+    from pgproxy.policy import session_state
+    session_state._cache.clear()
+    session_state._inert_shapes.clear()
+
+
+def test_plain_dml_with_new_literals_is_parsed_once_per_shape(monkeypatch):
+    """pgbench's UPDATE ... SET with new numbers every time must not cost a parse each."""
+    from pgproxy.policy import session_state
+    _fresh_caches()
+    calls = []
+    inspect = session_state._inspect
+    monkeypatch.setattr(session_state, "_inspect", lambda sql: calls.append(sql) or inspect(sql))
+    texts = [f"UPDATE pgbench_accounts SET abalance = abalance + {d} WHERE aid = {a};"
+             for d, a in [(1, 2), (4711, 99), (0, 100000), (3, 3)]]
+    for text in texts:
+        assert session_effects(text) == inspect(text)
+    assert len(calls) == 1
+
+
+@pytest.mark.parametrize("first, second", [
+    ("SELECT set_config('search_path', 'public', 'true')", "SELECT set_config('search_path', 'public', 'false')"),
+    ("UPDATE t SET a = 1 WHERE b = 2", "UPDATE t SET a = set_config('search_path', 'x', false) WHERE b = 2"),
+    ("UPDATE pg_settings SET setting = 'x' WHERE name = 'nothing_here'",
+     "UPDATE pg_settings SET setting = 'public' WHERE name = 'search_path'"),
+    ("SELECT pg_advisory_xact_lock(1) FROM t WHERE a = 'set'", "SELECT pg_advisory_lock(1) FROM t WHERE a = 'set'"),
+    ("SELECT 1 FROM t WHERE a = 'set'", "SELECT 1 FROM t WHERE a = 'set'; SET search_path = 'x'"),
+])
+def test_what_a_literal_can_change_is_never_decided_by_shape(first, second):
+    """A statement whose effect on the session depends on a literal (set_config's is_local,
+    a pg_settings row, an advisory lock) gets its own inspection, not a look-alike's."""
+    from pgproxy.policy.session_state import _inspect
+    _fresh_caches()
+    session_effects(first)
+    assert session_effects(second) == _inspect(second)
+    _fresh_caches()
+    session_effects(second)
+    assert session_effects(first) == _inspect(first)
