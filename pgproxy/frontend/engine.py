@@ -79,7 +79,7 @@ import time
 
 from pgproxy.errors import PgProxyError, ProxyFailure, protocol_violation
 from pgproxy.policy.guard import classify
-from pgproxy.policy.session_state import NOTHING, client_only_encoding, session_effects
+from pgproxy.policy.session_state import NOTHING, client_only_encoding, repeated_effects, session_effects
 from pgproxy.protocol import messages as msg
 from pgproxy.protocol import switch
 from pgproxy.protocol.framing import ServerStreamScanner
@@ -550,7 +550,7 @@ class Engine:
         text, params, formats = self.portals.get(portal, ("", None, None))
         verdict = classify(text) if self.policy is not None and text else None
         statement = Statement(text, params, formats, verdict)
-        effects = session_effects(text) if text else NOTHING
+        effects = repeated_effects(text) if text else NOTHING  # a prepared text: its answer is kept
         if effects.reset and self.txn_status != b"E":
             if next_kind != _S:
                 self._answer_error(f"{effects.reset} must be followed by Sync through pgproxy", "0A000",

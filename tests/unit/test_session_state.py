@@ -2,7 +2,7 @@
 
 import pytest
 
-from pgproxy.policy.session_state import session_effects
+from pgproxy.policy.session_state import repeated_effects, session_effects
 
 
 @pytest.mark.parametrize("sql, reason", [
@@ -107,6 +107,7 @@ def _fresh_caches():
     from pgproxy.policy import session_state
     session_state._cache.clear()
     session_state._inert_shapes.clear()
+    session_state._repeated.clear()
 
 
 def test_plain_dml_with_new_literals_is_parsed_once_per_shape(monkeypatch):
@@ -141,3 +142,23 @@ def test_what_a_literal_can_change_is_never_decided_by_shape(first, second):
     _fresh_caches()
     session_effects(second)
     assert session_effects(first) == _inspect(first)
+
+
+@pytest.mark.parametrize("sql", [
+    "SELECT abalance FROM pgbench_accounts WHERE aid = $1", "SET search_path = app", "LISTEN jobs",
+    "SELECT set_config('app.x', $1, false)", "COPY t FROM STDIN", "SELECT 1",
+])
+def test_a_repeated_text_gets_the_same_answer_each_time(sql):
+    """Each Execute of a prepared statement asks again; the kept answer is the full check's."""
+    _fresh_caches()
+    assert [repeated_effects(sql) for _ in range(3)] == [session_effects(sql)] * 3
+
+
+def test_kept_answers_are_bounded(monkeypatch):
+    from pgproxy.policy import session_state
+    _fresh_caches()
+    monkeypatch.setattr(session_state, "CACHE_SIZE", 10)
+    for n in range(25):
+        repeated_effects(f"SELECT {n}")
+    assert 0 < len(session_state._repeated) <= 10
+    assert repeated_effects("LISTEN jobs") == session_effects("LISTEN jobs") != session_effects("SELECT 1")
