@@ -90,15 +90,12 @@ class Relay:
         actions = self.engine.actions
         session = self.session
         try:
-            i = 0
-            while i < len(actions):
-                action = actions[i]
-                i += 1
+            for action in actions:  # a list's iterator also yields what is appended meanwhile
                 code = action[0]
                 if code == TO_SERVER:
                     action[1].write(action[2])
                 elif code == TO_CLIENT:
-                    self._deliver([action[1]])
+                    self._deliver(action[1])
                 elif code == AUDIT:
                     seq = session.audit_statement(action[1], action[2], action[3])
                     if self.audit.before_result:
@@ -184,20 +181,20 @@ class Relay:
                             log_detail=f"{exc.log_detail}; pinned: "
                                        + ", ".join(f"{user} ({reason})" for user, reason in holders))
 
-    def _deliver(self, pieces: list[bytes]) -> None:
+    def _deliver(self, data: bytes) -> None:
         if self.held is not None:  # earlier replies wait for the trail: these go after them
-            self.held += pieces
+            self.held.append(data)
             return
         if self.durable_due:
             if not self.audit.durable(self.durable_due):
                 # durability = "before_result": a result the client sees has its record on disk.
-                self.held = list(pieces)
+                self.held = [data]
                 self.audit.when_durable(self.durable_due, self._release_held)
                 return
             self.durable_due = 0
         transport = self.session.transport
         if transport is not None and not transport.is_closing():
-            transport.write(pieces[0] if len(pieces) == 1 else b"".join(pieces))
+            transport.write(data)
 
     def _release_held(self) -> None:
         held, self.held = self.held, None
@@ -208,7 +205,7 @@ class Relay:
             self.audit.when_durable(self.durable_due, self._release_held)
             return
         self.durable_due = 0
-        self._deliver(held)
+        self._deliver(b"".join(held))
 
     # --- flow control (the connection's and the client's transports) --------------------
 
