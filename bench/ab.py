@@ -109,8 +109,9 @@ def main(argv: list[str] | None = None) -> int:
         env = server_env(args.pure)
         print(f"before: {args.before} ({hot_path(trees[0], env)})\nafter:  {args.after} ({hot_path(trees[1], env)})")
         print(f"{args.rounds} rounds × {args.seconds} s per scenario, alternating; medians\n")
-        print("| scenario | TPS before → after | change | CPU µs/txn before → after | change |")
-        print("|---|---|---|---|---|")
+        print("| scenario | TPS before → after | change | CPU µs/txn before → after | change "
+              "| user+system before → after |")
+        print("|---|---|---|---|---|---|")
         for name in scenarios:
             results: list[list[dict]] = [[], []]
             for _ in range(args.rounds):
@@ -119,8 +120,10 @@ def main(argv: list[str] | None = None) -> int:
                     results[i].append(run_pgbench(target, SCENARIOS[name][1], args.seconds))
             tps = [statistics.median(r["tps"] for r in side) for side in results]
             cpu = [statistics.median(r["cpu_us"] for r in side) for side in results]
+            split = [f'{statistics.median(r["cpu_user_us"] for r in side):.1f}'
+                     f'+{statistics.median(r["cpu_system_us"] for r in side):.1f}' for side in results]
             print(f"| {SCENARIOS[name][0]} | {tps[0]:,.0f} → {tps[1]:,.0f} | {change(*tps)} "
-                  f"| {cpu[0]:.1f} → {cpu[1]:.1f} | {change(*cpu)} |", flush=True)
+                  f"| {cpu[0]:.1f} → {cpu[1]:.1f} | {change(*cpu)} | {split[0]} → {split[1]} |", flush=True)
     finally:
         for process in processes:
             process.terminate()

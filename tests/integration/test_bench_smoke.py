@@ -58,5 +58,7 @@ def test_bench_ab_compares_a_revision_with_the_working_tree():
     before_tps, after_tps = (float(x.replace(",", "")) for x in cells[1].split(" → "))
     assert before_tps > 0 and after_tps > 0
     assert cells[2].endswith("%") and cells[4].endswith("%")
+    user, system = (float(x) for x in cells[5].split(" → ")[1].split("+"))  # after's split of its CPU
+    assert user > 0 and system > 0
     worktrees = subprocess.run(["git", "worktree", "list"], cwd=ROOT, capture_output=True, text=True).stdout
     assert "pgproxy-ab-" not in worktrees  # the temporary checkout is gone
