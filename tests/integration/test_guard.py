@@ -274,3 +274,24 @@ def test_functions_the_configuration_allows_are_called_and_others_refused_by_nam
         wire.close()
     finally:
         assert proxy.stop() == 0
+
+
+def test_a_denied_relation_whose_name_differs_in_a_digit_stays_denied(base_config, issuer, database):
+    """PostgreSQL reads €1 and €2 as names (non-ASCII characters continue a name): the
+    guard's shape cache must not hand €1's verdict to €2 — in either protocol."""
+    database.psql("""
+        CREATE TABLE IF NOT EXISTS public.€1 (a int); CREATE TABLE IF NOT EXISTS public.€2 (a int);
+        TRUNCATE €1, €2; INSERT INTO €1 VALUES (1); INSERT INTO €2 VALUES (2);
+        GRANT SELECT ON €1, €2 TO emea_analyst;
+    """, database="demo")
+    proxy = ProxyProcess(merge(base_config, {"policies": [{"role": "emea_analyst", "denied_relations": ["€2"]}]}))
+    try:
+        wire, _ = login(proxy.port, "alice", issuer.mint("alice", ["sales_emea"]))
+        for send in (_simple, _extended):
+            replies = send(wire, "SELECT a FROM €1")
+            assert [b for k, b in replies if k == "D"] == [b"\x00\x01\x00\x00\x00\x011"], replies  # the row a = 1
+            errors = [error_fields(b) for k, b in send(wire, "SELECT a FROM €2") if k == "E"]
+            assert [e["C"] for e in errors] == ["42501"], errors
+        wire.close()
+    finally:
+        assert proxy.stop() == 0

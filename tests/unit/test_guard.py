@@ -32,6 +32,21 @@ def test_the_shape_cache_never_shares_a_decision_that_depends_on_a_literal():
     assert classify("SELECT set_config('pgproxy.user', 'y', false)").refusal
 
 
+@pytest.mark.parametrize("allowed, denied", [
+    ("SELECT * FROM €1", "SELECT * FROM €2"),           # PostgreSQL: any non-ASCII character continues a name
+    ("SELECT * FROM t·1", "SELECT * FROM t·2"),
+    ("SELECT * FROM report٣1", "SELECT * FROM report٣2"),  # a Unicode digit is a name's letter, not a number
+])
+def test_digits_inside_a_name_are_never_taken_for_a_literal(allowed, denied):
+    """The shape cache must not hand one relation's verdict to another whose name differs
+    in a digit: PostgreSQL reads these as names, so a denied relation stays denied."""
+    name = denied.rpartition(" ")[2]
+    policy = RolePolicy(denied_relations=frozenset({name}))
+    assert policy.refusal(classify(allowed)) == ""
+    assert classify(denied).relations == (name,)
+    assert policy.refusal(classify(denied)) == "relation denied by policy"
+
+
 def test_queries_that_differ_only_in_literals_share_one_parse(monkeypatch):
     classify("SELECT abalance FROM pgbench_accounts WHERE aid = 17")
     calls = []

@@ -15,9 +15,11 @@ from pgproxy.policy.parsed import NUMBER_LITERAL, literal_shape
 _REFERENCE_NUMBER = re.compile(NUMBER_LITERAL)
 _REFERENCE_STRING = re.compile(r"'(?:[^']|'')*'")
 
-# Word characters, Unicode digits (Arabic-Indic three, superscript two), decimal points,
-# quotes, operators and white space: where a literal's boundary is decided.
-SQL_CHARACTERS = st.sampled_from(list("ab_Z0129.٣²é 'x-+=,;()\n\t"))
+# Name characters (ASCII, "$", a non-ASCII letter, and non-ASCII characters that are no
+# letters to Python but continue a name in PostgreSQL: "€", "·"), Unicode digits
+# (Arabic-Indic three, superscript two), decimal points, quotes, operators and white space:
+# where a literal's boundary is decided.
+SQL_CHARACTERS = st.sampled_from(list("ab_Z$0129.٣²é€· 'x-+=,;()\n\t"))
 
 
 def reference_shape(sql: str) -> str | None:
@@ -47,6 +49,9 @@ def test_literals_are_blanked_and_names_with_digits_are_kept():
     assert literal_shape("SELECT 7") == "SELECT 0"
     assert literal_shape("SELECT a FROM t WHERE b = 12abc") == "SELECT a FROM t WHERE b = 12abc"
     assert literal_shape("SELECT t1 FROM t2") != literal_shape("SELECT t1 FROM t3")
+    # names to PostgreSQL, though Python's \b and \d would see a number in them
+    for name in ("€1", "t·2", "٣", "x١٢", "5€"):
+        assert literal_shape(f"SELECT * FROM {name}") == f"SELECT * FROM {name}", name
 
 
 def test_text_that_could_hide_a_literals_end_has_no_shape():
