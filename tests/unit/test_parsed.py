@@ -19,7 +19,7 @@ _REFERENCE_STRING = re.compile(r"'(?:[^']|'')*'")
 # letters to Python but continue a name in PostgreSQL: "€", "·"), Unicode digits
 # (Arabic-Indic three, superscript two), decimal points, quotes, operators and white space:
 # where a literal's boundary is decided.
-SQL_CHARACTERS = st.sampled_from(list("ab_Z$0129.٣²é€· 'x-+=,;()\n\t"))
+SQL_CHARACTERS = st.sampled_from(list("ab_Z$0129.٣²é€· 'x-+=,;()\n\t#%/:@[^`{~\x7f\x00"))
 
 
 def reference_shape(sql: str) -> str | None:
