@@ -16,6 +16,7 @@ from pglast.parser import ParseError, parse_sql_json
 RECENT = 64  # texts kept; decisions are cached by their readers, this only bridges the two
 
 _recent: dict[str, list | Exception] = {}
+_last: list = [(None, None)]  # (the text literal_shape saw last, its shape): one slot, replaced whole
 _STRING = re.compile(r"'(?:[^']|'')*'")
 # A number literal as PostgreSQL's lexer sees one: ASCII digits (a decimal part optional)
 # with no name character on either side. Names go on with letters, digits, "_", "$" and
@@ -39,8 +40,19 @@ def literal_shape(sql: str) -> str | None:
     hide where a literal starts or ends. Decisions that do not depend on literals are
     cached by it (the guard's, and the session-state check's for plain DML)."""
     if "$" in sql or "\\" in sql or '"' in sql or "--" in sql or "/*" in sql or "u&" in sql or "U&" in sql:
-        return None  # chained "in" tests: a regex here cost 1 µs more
-    return _NUMBER.sub("0", _STRING.sub("''", sql) if "'" in sql else sql)
+        shape = None  # chained "in" tests: a regex here cost 1 µs more
+    else:
+        shape = _NUMBER.sub("0", _STRING.sub("''", sql) if "'" in sql else sql)
+    _last[0] = (sql, shape)
+    return shape
+
+
+def last_shape(sql: str) -> str | None:
+    """``literal_shape(sql)`` if it was the last text shaped (the guard's, just before the
+    session-state check reads the same text), else None: never computed here, so without
+    the guard the check costs what it did."""
+    text, shape = _last[0]
+    return shape if text is sql else None
 
 
 def statements(sql: str) -> list[dict]:

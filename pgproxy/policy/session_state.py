@@ -22,7 +22,7 @@ from typing import NamedTuple
 from pglast.parser import ParseError
 
 from pgproxy.policy import dict_nodes
-from pgproxy.policy.parsed import literal_shape, statements
+from pgproxy.policy.parsed import last_shape, literal_shape, statements
 
 CACHE_SIZE = 20_000
 CURSOR_OPT_HOLD = 0x0020  # PostgreSQL's parsenodes.h
@@ -50,6 +50,9 @@ _cache: OrderedDict[str, Effects] = OrderedDict()
 # "UPDATE t SET a = 5" has "set" in it, and without this every new literal would be parsed
 # (over 100 µs).
 _inert_shapes: OrderedDict[str, Effects] = OrderedDict()
+# Shapes found not to be literal-free (a function call, pg_settings): their texts are checked
+# one by one, as if they had no shape.
+_not_inert: OrderedDict[str, None] = OrderedDict()
 _PLAIN_DML = frozenset({"SelectStmt", "InsertStmt", "UpdateStmt", "DeleteStmt"})
 # Every answer for texts that come again and again (a prepared statement's, at each
 # Execute), NOTHING included: a lookup of the same str costs 40 ns, the word scan 350.
@@ -91,7 +94,14 @@ def repeated_effects(sql: str) -> Effects:
 
 
 def session_effects(sql: str) -> Effects:
+    shape = last_shape(sql)  # the guard's, for a simple query: its shape may be known inert
+    if shape is not None:
+        effects = _inert_shapes.get(shape)
+        if effects is not None:
+            return effects
     if not _maybe(sql):
+        if shape is not None and shape not in _not_inert:
+            _learn_shape(shape, sql, NOTHING)
         return NOTHING
     effects = _cache.get(sql)
     if effects is not None:
@@ -106,11 +116,22 @@ def session_effects(sql: str) -> Effects:
     _cache[sql] = effects
     if len(_cache) > CACHE_SIZE:
         _cache.popitem(last=False)
-    if shape is not None and effects == Effects(alone=effects.alone) and _literal_free(sql):
+    if shape is not None and effects == Effects(alone=effects.alone) and shape not in _not_inert:
+        _learn_shape(shape, sql, effects)
+    return effects
+
+
+def _learn_shape(shape: str, sql: str, effects: Effects) -> None:
+    """Keep ``effects`` for every text of ``shape`` if no literal could change them, else
+    remember that it cannot be kept (so the shape's next texts are not parsed to find out)."""
+    if _literal_free(sql):
         _inert_shapes[shape] = effects
         if len(_inert_shapes) > CACHE_SIZE:
             _inert_shapes.popitem(last=False)
-    return effects
+    else:
+        _not_inert[shape] = None
+        if len(_not_inert) > CACHE_SIZE:
+            _not_inert.popitem(last=False)
 
 
 def _literal_free(sql: str) -> bool:

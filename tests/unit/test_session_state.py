@@ -2,7 +2,7 @@
 
 import pytest
 
-from pgproxy.policy.session_state import repeated_effects, session_effects
+from pgproxy.policy.session_state import NOTHING, repeated_effects, session_effects
 
 
 @pytest.mark.parametrize("sql, reason", [
@@ -108,6 +108,7 @@ def _fresh_caches():
     session_state._cache.clear()
     session_state._inert_shapes.clear()
     session_state._repeated.clear()
+    session_state._not_inert.clear()
 
 
 def test_plain_dml_with_new_literals_is_parsed_once_per_shape(monkeypatch):
@@ -162,3 +163,38 @@ def test_kept_answers_are_bounded(monkeypatch):
         repeated_effects(f"SELECT {n}")
     assert 0 < len(session_state._repeated) <= 10
     assert repeated_effects("LISTEN jobs") == session_effects("LISTEN jobs") != session_effects("SELECT 1")
+
+
+def test_a_simple_query_the_guard_has_shaped_is_decided_once_per_shape(monkeypatch):
+    """pgbench's SELECT with a new number each time: after the first, the guard's shape
+    says it (no word scan, no parse) — and only when the guard shaped this very text."""
+    from pgproxy.policy import session_state
+    from pgproxy.policy.parsed import literal_shape
+    _fresh_caches()
+    scans, parses = [], []
+    maybe, literal_free = session_state._maybe, session_state._literal_free
+    monkeypatch.setattr(session_state, "_maybe", lambda sql: scans.append(sql) or maybe(sql))
+    monkeypatch.setattr(session_state, "_literal_free", lambda sql: parses.append(sql) or literal_free(sql))
+    texts = [f"SELECT abalance FROM pgbench_accounts WHERE aid = {n};" for n in (1, 22, 333, 4444)]
+    for text in texts:
+        literal_shape(text)  # what the guard's classify does first
+        assert session_effects(text) is NOTHING
+    assert scans == texts[:1] and parses == texts[:1]
+    unshaped = "SELECT abalance FROM pgbench_accounts WHERE aid = 55555;"
+    assert session_effects(unshaped) is NOTHING and scans[-1] == unshaped  # not shaped: scanned as before
+
+
+@pytest.mark.parametrize("first, second", [
+    ("SELECT * FROM t WHERE a = 'x'", "SELECT * FROM t WHERE a = 'set search_path = evil'"),
+    ("SELECT now() FROM t WHERE a = 1", "SELECT now() FROM t WHERE a = 2"),
+    ("SELECT set_config('search_path', 'x', 'true')", "SELECT set_config('search_path', 'x', 'false')"),
+])
+def test_a_shape_keeps_nothing_but_what_no_literal_can_change(first, second):
+    """What a shape keeps holds for every text of it; a shape with a function call keeps
+    nothing, and each of its texts is checked on its own."""
+    from pgproxy.policy.parsed import literal_shape
+    from pgproxy.policy.session_state import _inspect
+    _fresh_caches()
+    for text in (first, second, second):
+        literal_shape(text)
+        assert session_effects(text) == _inspect(text), text
