@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import struct
 import uuid
-from datetime import date, datetime, timedelta, timezone
+from datetime import date, datetime, timedelta
 
 _INTS = {21: struct.Struct("!h"), 23: struct.Struct("!i"), 20: struct.Struct("!q"), 26: struct.Struct("!I")}
 _FLOATS = {700: struct.Struct("!f"), 701: struct.Struct("!d")}
