@@ -107,11 +107,12 @@ def session_effects(sql: str) -> Effects:
     if effects is not None:
         _cache.move_to_end(sql)
         return effects
-    shape = literal_shape(sql)
-    if shape is not None:
-        effects = _inert_shapes.get(shape)
-        if effects is not None:
-            return effects
+    if shape is None:  # not the guard's (looked up above): shape it here
+        shape = literal_shape(sql)
+        if shape is not None:
+            effects = _inert_shapes.get(shape)
+            if effects is not None:
+                return effects
     effects = _inspect(sql)
     _cache[sql] = effects
     if len(_cache) > CACHE_SIZE:
