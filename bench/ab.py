@@ -10,7 +10,8 @@ Both builds serve at once, each with one worker and the benchmark's configuratio
 after round (A B A B …), so that the machine's drift — ±20 % between rounds here — falls on
 both alike. This is the comparison to trust for "within N % of before": the full benchmark
 runs each build once, minutes apart. Reported per scenario: median TPS and CPU µs per
-transaction of each build's process (bench/cpu.py), and AFTER's change against BEFORE.
+transaction of each build's process (bench/cpu.py), AFTER's change against BEFORE, and the
+median of each round's own change (a round's A and B run seconds apart: the steadier figure).
 """
 
 from __future__ import annotations
@@ -47,12 +48,12 @@ def checkout(spec: str, into: Path, pure: bool) -> Path:
     return into
 
 
-def serve(tree: Path, bench: Bench, workdir: Path, pure: bool) -> tuple[subprocess.Popen, int, Path]:
+def serve(tree: Path, bench: Bench, workdir: Path, pure: bool, audit_file: str = "") -> tuple[subprocess.Popen, int, Path]:
     """pgproxy from ``tree`` with the benchmark's configuration; (process, port, log)."""
     workdir.mkdir(parents=True, exist_ok=True)
     port = free_port()
     config = merge(bench.pgproxy_config(), {"server": {"listen": [f"127.0.0.1:{port}"]},
-                                            "audit": {"file": str(workdir / "audit.jsonl")}})
+                                            "audit": {"file": audit_file or str(workdir / "audit.jsonl")}})
     (workdir / "pgproxy.toml").write_text(to_toml(config))
     log = workdir / "log"
     process = subprocess.Popen([sys.executable, "-m", "pgproxy", "serve", "-c", str(workdir / "pgproxy.toml")],
@@ -88,6 +89,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=8)
     parser.add_argument("--seconds", type=int, default=5)
     parser.add_argument("--pure", action="store_true", help="both builds as pure Python (PGPROXY_PURE=1)")
+    parser.add_argument("--audit-file", default="", help="both builds' audit file (e.g. /dev/null: the disk's "
+                                                             "writeback out of the comparison); default: one each")
+    parser.add_argument("--rounds-detail", action="store_true", help="also print each round's TPS and CPU per side")
     args = parser.parse_args(argv)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))  # so that the cleanup below runs
     scenarios = args.only.split(",")
@@ -101,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         sides = []
         for i, tree in enumerate(trees):
-            process, port, log = serve(tree, bench, scratch / f"run-{i}", args.pure)
+            process, port, log = serve(tree, bench, scratch / f"run-{i}", args.pure, args.audit_file)
             processes.append(process)
             plain, tx = bench.targets["pgproxy"], bench.targets["pgproxy_tx"]
             sides.append((Target(f"side{i}", port, plain.user, plain.password, pid=process.pid),
@@ -110,20 +114,26 @@ def main(argv: list[str] | None = None) -> int:
         print(f"before: {args.before} ({hot_path(trees[0], env)})\nafter:  {args.after} ({hot_path(trees[1], env)})")
         print(f"{args.rounds} rounds × {args.seconds} s per scenario, alternating; medians\n")
         print("| scenario | TPS before → after | change | CPU µs/txn before → after | change "
-              "| user+system before → after |")
-        print("|---|---|---|---|---|---|")
+              "| user+system before → after | TPS change, median of rounds |")
+        print("|---|---|---|---|---|---|---|")
         for name in scenarios:
             results: list[list[dict]] = [[], []]
             for _ in range(args.rounds):
                 for i, (plain, tx, _log) in enumerate(sides):
                     target = tx if name in TX_SCENARIOS else plain
                     results[i].append(run_pgbench(target, SCENARIOS[name][1], args.seconds))
+            if args.rounds_detail:
+                for n, (a, b) in enumerate(zip(*results)):
+                    print(f"  round {n + 1}: TPS {a['tps']:,.0f} / {b['tps']:,.0f} ({change(a['tps'], b['tps'])}), "
+                          f"CPU µs {a['cpu_us']:.1f} / {b['cpu_us']:.1f} ({change(a['cpu_us'], b['cpu_us'])})")
+            paired = statistics.median(b["tps"] / a["tps"] for a, b in zip(*results))
             tps = [statistics.median(r["tps"] for r in side) for side in results]
             cpu = [statistics.median(r["cpu_us"] for r in side) for side in results]
             split = [f'{statistics.median(r["cpu_user_us"] for r in side):.1f}'
                      f'+{statistics.median(r["cpu_system_us"] for r in side):.1f}' for side in results]
             print(f"| {SCENARIOS[name][0]} | {tps[0]:,.0f} → {tps[1]:,.0f} | {change(*tps)} "
-                  f"| {cpu[0]:.1f} → {cpu[1]:.1f} | {change(*cpu)} | {split[0]} → {split[1]} |", flush=True)
+                  f"| {cpu[0]:.1f} → {cpu[1]:.1f} | {change(*cpu)} | {split[0]} → {split[1]} "
+                  f"| {(paired - 1) * 100:+.1f} % |", flush=True)
     finally:
         for process in processes:
             process.terminate()
