@@ -48,7 +48,8 @@ def checkout(spec: str, into: Path, pure: bool) -> Path:
     return into
 
 
-def serve(tree: Path, bench: Bench, workdir: Path, pure: bool, audit_file: str = "") -> tuple[subprocess.Popen, int, Path]:
+def serve(tree: Path, bench: Bench, workdir: Path, pure: bool,
+          audit_file: str = "") -> tuple[subprocess.Popen, int, Path]:
     """pgproxy from ``tree`` with the benchmark's configuration; (process, port, log)."""
     workdir.mkdir(parents=True, exist_ok=True)
     port = free_port()
@@ -133,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
                      f'+{statistics.median(r["cpu_system_us"] for r in side):.1f}' for side in results]
             print(f"| {SCENARIOS[name][0]} | {tps[0]:,.0f} → {tps[1]:,.0f} | {change(*tps)} "
                   f"| {cpu[0]:.1f} → {cpu[1]:.1f} | {change(*cpu)} | {split[0]} → {split[1]} "
-                  f"| {(paired - 1) * 100:+.1f} % |", flush=True)
+                  f"| {change(1.0, paired)} |", flush=True)
     finally:
         for process in processes:
             process.terminate()
