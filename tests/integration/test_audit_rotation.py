@@ -24,7 +24,9 @@ REPO = Path(__file__).resolve().parents[2]
 def fh_lines(path) -> list[bytes]:
     opener = gzip.open if str(path).endswith(".gz") else open
     with opener(path, "rb") as fh:
-        return [line for line in fh.read().split(b"\n") if line.strip()]
+        data = fh.read()
+    # A live file may be read mid-append: the part after the last newline is not a record yet.
+    return [line for line in data[:data.rfind(b"\n") + 1].split(b"\n") if line.strip()]
 
 
 def sent_statements(*paths, marker: str) -> list[str]:

@@ -123,8 +123,11 @@ class ProxyProcess:
         (records are written in batches, and each worker writes its own)."""
         deadline = time.monotonic() + timeout
         while True:
-            records = [json.loads(line) for line in self.audit_path.read_text().splitlines() if line.strip()] \
-                if self.audit_path.exists() else []
+            text = self.audit_path.read_text() if self.audit_path.exists() else ""
+            # A read can overlap the writer's append and see half a batch: only lines
+            # that have their newline are whole records yet.
+            complete = text[:text.rfind("\n") + 1]
+            records = [json.loads(line) for line in complete.splitlines() if line.strip()]
             if wait_for is None or sum(1 for r in records if wait_for(r)) >= count or time.monotonic() > deadline:
                 return records
             time.sleep(0.05)
