@@ -149,7 +149,10 @@ def test_the_finder_only_answers_for_listed_modules_that_have_a_matching_build(t
 
 
 def test_the_build_refuses_declarations_that_differ_from_the_slots():
-    for name in ("pgproxy.protocol.framing", "pgproxy.protocol.messages"):
+    declared = [name for name in compiled.COMPILED_MODULES
+                if compiled.read_sources(compiled.source_path(name, ROOT))[1] is not None]
+    assert {"pgproxy.protocol.framing", "pgproxy.frontend.engine", "pgproxy.protocol.pipeline"} <= set(declared)
+    for name in declared:
         _build.check_declarations(name, *compiled.read_sources(compiled.source_path(name, ROOT)))
     source, pxd = compiled.read_sources(compiled.source_path("pgproxy.protocol.framing", ROOT))
     widened = source.replace(b'__slots__ = ("_buf", "_max")', b'__slots__ = ("_buf", "_max", "_extra")')
@@ -265,3 +268,35 @@ def test_compiled_and_pure_give_the_same_results_on_the_same_input(tree):
     assert runs[True]["loaded"] == []
     assert runs[False]["out"] == runs[True]["out"]
     assert any(isinstance(item, list) and item[:1] == ["error"] for item in runs[True]["out"])  # errors compared too
+
+
+
+# For each class a .pxd declares: whether its __slots__ are still slots (member
+# descriptors, as in pure Python) or fields of a C type, which the .pxd asks for.
+TYPES = r"""
+import importlib, json, re, types
+import pgproxy.compiled as compiled
+out = {}
+for name in compiled.COMPILED_MODULES:
+    pxd = compiled.read_sources(compiled.source_path(name))[1]
+    if pxd is None:
+        continue
+    module = importlib.import_module(name)
+    for cls_name in re.findall(r"^cdef class (\w+)", pxd.decode(), re.M):
+        cls = getattr(module, cls_name)
+        out[f"{name}.{cls_name}"] = any(isinstance(vars(cls).get(slot), types.MemberDescriptorType)
+                                        for slot in cls.__slots__)
+print(json.dumps({"loaded": list(compiled.loaded()), "slots": out}))
+"""
+
+
+@needs_build
+def test_the_declared_classes_are_c_types_when_compiled(tree):
+    """The engine's, the pipeline's and the identity's fields are C fields in the compiled
+    build (what makes it faster: python -m bench.ab), slots in the pure one."""
+    compiled_run, pure_run = (_run(TYPES, tree=tree, pure=pure) for pure in (False, True))
+    assert {"pgproxy.frontend.engine.Engine", "pgproxy.frontend.engine.Statement", "pgproxy.protocol.pipeline.Pipeline",
+            "pgproxy.protocol.pipeline.Expected", "pgproxy.backend.identity.ConnectionIdentity"} <= set(pure_run["slots"])
+    assert all(pure_run["slots"].values()) and pure_run["loaded"] == []
+    assert not any(compiled_run["slots"].values()), compiled_run
+    assert set(compiled_run["loaded"]) == set(compiled.COMPILED_MODULES)
