@@ -33,6 +33,7 @@ COMPILED_MODULES = (
     "pgproxy.protocol.pipeline",
     "pgproxy.protocol.messages",
     "pgproxy.frontend.engine",
+    "pgproxy.frontend.relay",
     "pgproxy.backend.identity",
 )
 

@@ -292,11 +292,12 @@ print(json.dumps({"loaded": list(compiled.loaded()), "slots": out}))
 
 @needs_build
 def test_the_declared_classes_are_c_types_when_compiled(tree):
-    """The engine's, the pipeline's and the identity's fields are C fields in the compiled
+    """The engine's, the relay's, the pipeline's and the identity's fields are C fields in the compiled
     build (what makes it faster: python -m bench.ab), slots in the pure one."""
     compiled_run, pure_run = (_run(TYPES, tree=tree, pure=pure) for pure in (False, True))
     assert {"pgproxy.frontend.engine.Engine", "pgproxy.frontend.engine.Statement", "pgproxy.protocol.pipeline.Pipeline",
-            "pgproxy.protocol.pipeline.Expected", "pgproxy.backend.identity.ConnectionIdentity"} <= set(pure_run["slots"])
+            "pgproxy.protocol.pipeline.Expected", "pgproxy.backend.identity.ConnectionIdentity",
+            "pgproxy.frontend.relay.Relay"} <= set(pure_run["slots"])
     assert all(pure_run["slots"].values()) and pure_run["loaded"] == []
     assert not any(compiled_run["slots"].values()), compiled_run
     assert set(compiled_run["loaded"]) == set(compiled.COMPILED_MODULES)
