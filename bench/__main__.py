@@ -51,7 +51,7 @@ SCENARIOS = {
     "select_tls": ("1s select-only, simple, TLS (sslmode=require)", ["-S", "-M", "simple", "-c", "16", "-j", "2"]),
     "connect_tls": ("5s new connection per transaction, TLS", ["-C", "-S", "-M", "simple", "-c", "4", "-j", "2"]),
     "latency": ("6 single-client latency (added over direct)", ["-S", "-M", "simple", "-c", "1", "-j", "1"]),
-    "memory": ("7 memory per idle client", None),  # needs transaction pooling
+    "memory": ("7 memory per idle client", None),  # session pooling, then transaction pooling
     "ldap_connect": ("8 new LDAP-authenticated connections/s (pgproxy only)", None),
 }
 CHART_LABELS = {"select_simple": "1 select, simple", "select_prepared": "2 select, prepared",
@@ -188,18 +188,21 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def measure_memory(clients: int) -> dict:
-    """Scenario 7, in its own setup: session pooling needs a pool as large as the clients."""
+    """Scenario 7, in its own setup: session pooling needs a pool as large as the clients.
+    Transaction pooling (idle clients hold no connection) is measured too, in a fresh setup
+    of its own: memory the first run freed would hide what the second one takes."""
     from bench.memory import measure
     print(f"-- {SCENARIOS['memory'][0]}: {clients} idle clients", file=sys.stderr, flush=True)
-    bench = Bench(1, pool_size=clients).start()
-    try:
-        result = {"clients": clients, "note": "session pooling, a backend connection each"}
-        for name, pid in bench.pids().items():
-            result[name] = measure(bench.targets[name], pid, clients)
-            print(f"   {name:9s}: {result[name]}", file=sys.stderr, flush=True)
-        return result
-    finally:
-        bench.stop()
+    result = {"clients": clients, "note": "session pooling, a backend connection each", "transaction": {}}
+    for mode, suffix, into in (("session", "", result), ("transaction", "_tx", result["transaction"])):
+        bench = Bench(1, pool_size=clients).start()
+        try:
+            for name, pid in bench.pids().items():
+                into[name] = measure(bench.targets[name + suffix], pid, clients)
+                print(f"   {name:9s} ({mode} pooling): {into[name]}", file=sys.stderr, flush=True)
+        finally:
+            bench.stop()
+    return result
 
 
 def target_labels(workers: int) -> dict[str, str]:
@@ -249,6 +252,12 @@ def tps_rows(summary: dict, labels: dict) -> tuple[list[str], list[list[str]]]:
             bouncer, proxy = entry["pgbouncer"]["bytes_per_client"], entry["pgproxy"]["bytes_per_client"]
             rows.append([title, "-", str(bouncer), str(proxy), "-", f"{proxy / max(1, bouncer):.2f}", "", "",
                          f"bytes per idle client ({entry['clients']} clients, pgproxy 1w; {entry['note']})"])
+            if entry.get("transaction"):  # results of before it was measured have none
+                tx = entry["transaction"]
+                bouncer, proxy = tx["pgbouncer"]["bytes_per_client"], tx["pgproxy"]["bytes_per_client"]
+                rows.append(["7t memory per idle client, transaction pooling", "-", str(bouncer), str(proxy), "-",
+                             f"{proxy / max(1, bouncer):.2f}", "", "",
+                             f"bytes per idle client ({entry['clients']} clients, pgproxy 1w; no backend connection)"])
             continue
         if name == "ldap_connect":
             rows.append([title, "-", "-", f"{entry['cache_off']:.0f}", "-", "", "", "",

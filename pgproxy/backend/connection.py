@@ -23,7 +23,7 @@ import ssl
 import struct
 import sys
 import time
-from collections import deque
+from types import MappingProxyType
 
 from pgproxy.backend.identity import ConnectionIdentity
 from pgproxy.errors import PgProxyError, ProxyFailure, backend_unavailable
@@ -35,6 +35,25 @@ from pgproxy.tls import server_end_point
 log = logging.getLogger("pgproxy.backend")
 
 CONTROL_MAX_MESSAGE = 1 << 20
+
+# A connection's ParameterStatus values, shared read-only between connections that have the
+# same ones (session pooling holds a connection per idle client: a dict each was about 1 KB
+# of the memory per idle client). Read-only, so that no connection can change another's:
+# an update replaces the connection's own mapping (set_param). Bounded: emptied when full.
+_SHARED_PARAMS: dict[tuple, MappingProxyType] = {}
+_SHARED_PARAMS_MAX = 1024
+EMPTY_PARAMS: MappingProxyType = MappingProxyType({})
+
+
+def shared_params(params: dict[str, str]) -> MappingProxyType:
+    """The read-only mapping of exactly ``params``, the same object for equal contents."""
+    key = tuple(params.items())
+    found = _SHARED_PARAMS.get(key)
+    if found is None:
+        if len(_SHARED_PARAMS) >= _SHARED_PARAMS_MAX:
+            _SHARED_PARAMS.clear()
+        found = _SHARED_PARAMS[key] = MappingProxyType({sys.intern(k): sys.intern(v) for k, v in key})
+    return found
 
 
 class BackendState(enum.Enum):
@@ -56,7 +75,7 @@ class BackendConnection(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.pid = 0
         self.secret = 0
-        self.params: dict[str, str] = {}
+        self.params: MappingProxyType = EMPTY_PARAMS  # read-only and shared: see set_param
         self.txn_status = b"I"
         self.created_at = time.monotonic()
         self.idle_since = self.created_at
@@ -64,7 +83,9 @@ class BackendConnection(asyncio.Protocol):
         self.session = None  # the session's Relay (or a drainer) we deliver to, when ATTACHED
         self.forgotten = False  # the pool has stopped counting this connection
         self._reader = MessageReader(CONTROL_MAX_MESSAGE)
-        self._inbox: deque[tuple[int, bytes]] = deque()
+        # Control mode's messages (login, exchange): a list, emptied at attach — a deque keeps
+        # a 600-byte block even when empty, for as long as the connection lives.
+        self._inbox: list[tuple[int, bytes]] = []
         self._waiter: asyncio.Future | None = None
         # Whose connection this is (transaction pooling keeps it between clients); the
         # session engine changes it through its methods only.
@@ -132,13 +153,14 @@ class BackendConnection(asyncio.Protocol):
             self._waiter = asyncio.get_running_loop().create_future()
             await self._waiter
             self._waiter = None
-        return self._inbox.popleft()
+        return self._inbox.pop(0)  # a handful of messages: a login's, an exchange's
 
     async def login(self, user: str, password: str | None, extra: dict[str, str],
                     channel_binding: str = "prefer") -> None:
         self.transport.write(msg.startup_message({"user": user, "database": self.database, **extra}))
         scram: ScramClient | None = None
         ssl_object = self.transport.get_extra_info("ssl_object")
+        params: dict[str, str] = {}
         while True:
             kind, raw = await self._next()
             body = raw[5:]
@@ -174,11 +196,12 @@ class BackendConnection(asyncio.Protocol):
                                           f'{fields.get("M")}')
             elif kind == ord("S"):
                 name, value = msg.parse_parameter_status(body)
-                self.params[sys.intern(name)] = sys.intern(value)  # the same few strings on every connection
+                params[name] = value
             elif kind == ord("K"):
                 self.pid, self.secret = struct.unpack("!iI", body[:8])
             elif kind == ord("Z"):
                 self.txn_status = body[:1]
+                self.params = shared_params(params)
                 self.state = BackendState.IDLE
                 return
 
@@ -220,8 +243,7 @@ class BackendConnection(asyncio.Protocol):
             elif kind == ord("E"):
                 error = error or msg.parse_error_fields(body)
             elif kind == ord("S"):
-                name, value = msg.parse_parameter_status(body)
-                self.params[name] = value
+                self.set_param(*msg.parse_parameter_status(body))
             replies.append((kind, raw))
         if error:
             raise ProxyFailure(error.get("M", "server error"), sqlstate=error.get("C", "XX000"),
@@ -270,6 +292,12 @@ class BackendConnection(asyncio.Protocol):
             raise backend_unavailable(f"TLS handshake with the server failed: {exc}") from None
 
     # --- relay mode --------------------------------------------------------------------
+
+    def set_param(self, name: str, value: str) -> None:
+        """A ParameterStatus: this connection's mapping is replaced, never changed in place
+        (it is shared with every connection whose values are the same)."""
+        if self.params.get(name) != value:
+            self.params = shared_params({**self.params, name: value})
 
     def attach(self, session) -> bytes:
         """Hand the byte stream to a client session; returns what was already read, for it."""

@@ -162,6 +162,20 @@ class TransactionPooling(PoolMode):
 
 POOL_MODES = {mode.name: mode() for mode in (SessionPooling, TransactionPooling)}
 
+# The (name, value) pairs of settings keys, one object per distinct pair: the sessions of one
+# person repeat every pair but the session id, and each session's key holds them while it
+# lives (memory per idle client). Bounded: emptied when full (a miss only costs the sharing).
+_PAIRS: dict[tuple[str, str], tuple[str, str]] = {}
+_PAIRS_MAX = 4096
+
+
+def settings_key(settings: dict[str, str]) -> tuple:
+    """The settings as the sorted pairs an Engine's key holds (the pool matches on it)."""
+    pairs = _PAIRS
+    if len(pairs) >= _PAIRS_MAX:
+        pairs.clear()
+    return tuple([pairs.setdefault(pair, pair) for pair in sorted(settings.items())])
+
 
 class Engine:
     __slots__ = ("mode", "policy", "trail", "role", "person", "key", "startup", "signer", "refuse_state",
@@ -177,7 +191,7 @@ class Engine:
         self.trail = trail    # the audit trail; read for ``available`` only
         self.role, self.person = role, person
         # Whose role and settings a connection must carry for this client.
-        self.key = (person, tuple(sorted(settings.items())))
+        self.key = (person, settings_key(settings))
         self.startup = startup or {}  # the client's startup parameters (RESET goes back to them)
         self.signer = signer  # backend pid -> the signed-identity settings for it, or None
         self.refuse_state = refuse_state
@@ -589,7 +603,7 @@ class Engine:
                 value, exact = f"{self.person[1]} via {value or 'unknown'}", False
             if value is not None:
                 settings[name] = value
-        old, self.key = self.key, (self.person, tuple(sorted(settings.items())))
+        old, self.key = self.key, (self.person, settings_key(settings))
         if self.backend is not None:
             self.backend.identity.settings_changed(old, self.key, exact)
 
@@ -832,7 +846,7 @@ class Engine:
         name, value = msg.parse_parameter_status(body)
         backend = self.backend
         if backend is not None:
-            backend.params[name] = value
+            backend.set_param(name, value)
         if name == "client_encoding" and client_only_encoding(value):
             # Every way to choose one is refused; reaching here means one was missed: end it.
             self.state = CLOSED

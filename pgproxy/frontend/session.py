@@ -600,6 +600,7 @@ class ClientSession(asyncio.Protocol):
         self.state = SessionState.READY
         if self._auth_timer:
             self._auth_timer.cancel()
+            self._auth_timer = None  # a logged-in session keeps no handle (memory per idle client)
         identity = self.identity
         self.server.audit.event("session_start", session=self.session_id, user=self.user, role=self.role,
                                 subject=identity.subject, issuer=identity.issuer, groups=list(identity.groups),

@@ -174,6 +174,29 @@ def test_startup_parameters_naming_identity_are_refused(proxy, issuer, param):
     assert info.value.sqlstate == "42501"
 
 
+def test_one_sessions_reported_settings_never_show_in_another(proxy, issuer):
+    """Connections with the same ParameterStatus values share one read-only copy of them (memory
+    per idle client); what one session changes must reach its own client only — and what the
+    next client is told at login must be what its connection really has."""
+    alice, bob = issuer.mint("alice", ["sales_emea"]), issuer.mint("bob", ["sales_amer"])
+    with psycopg.connect(proxy.dsn("alice"), password=alice) as plain:
+        default = plain.info.parameter_status("DateStyle")
+    changed = "SQL, DMY" if default != "SQL, DMY" else "German, DMY"
+    with psycopg.connect(proxy.dsn("alice"), password=alice, autocommit=True) as a:
+        a.execute(f"SET DateStyle = '{changed}'")
+        assert a.info.parameter_status("DateStyle") == changed
+        for user, token in (("alice", alice), ("bob", bob)):
+            with psycopg.connect(proxy.dsn(user), password=token) as other:
+                assert other.info.parameter_status("DateStyle") == default
+                assert other.execute("SHOW DateStyle").fetchone() == (default,)
+        assert a.execute("SHOW DateStyle").fetchone() == (changed,)
+        assert a.info.parameter_status("DateStyle") == changed
+    for _ in range(3):  # a's connection, reset, is in the pool again: whoever gets it is told the truth
+        with psycopg.connect(proxy.dsn("alice"), password=alice) as after:
+            shown = after.execute("SHOW DateStyle").fetchone()[0]
+            assert after.info.parameter_status("DateStyle") == shown == default
+
+
 def test_ordinary_startup_settings_pass_through(proxy, issuer):
     token = issuer.mint("alice", ["sales_emea"])
     with psycopg.connect(proxy.dsn("alice"), password=token, options="-c search_path=pg_catalog,public -c geqo=off",

@@ -63,6 +63,9 @@ class FakeConnection:
 
     # --- what the engine sees ----------------------------------------------------------
 
+    def set_param(self, name: str, value: str) -> None:  # as BackendConnection.set_param
+        self.params = {**self.params, name: value}
+
     @property
     def quiet(self) -> bool:
         """Nothing owed in either direction: a connection the pool may hand to anyone."""
