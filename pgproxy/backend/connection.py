@@ -37,7 +37,7 @@ log = logging.getLogger("pgproxy.backend")
 CONTROL_MAX_MESSAGE = 1 << 20
 
 # A connection's ParameterStatus values, shared read-only between connections that have the
-# same ones (session pooling holds a connection per idle client: a dict each was about 1 KB
+# same ones (session pooling holds a connection per idle client: a dict each was about 400 B
 # of the memory per idle client). Read-only, so that no connection can change another's:
 # an update replaces the connection's own mapping (set_param). Bounded: emptied when full.
 _SHARED_PARAMS: dict[tuple, MappingProxyType] = {}
