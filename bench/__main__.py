@@ -249,15 +249,14 @@ def tps_rows(summary: dict, labels: dict) -> tuple[list[str], list[list[str]]]:
     for name, entry in summary.items():
         title = SCENARIOS[name][0]
         if name == "memory":
-            bouncer, proxy = entry["pgbouncer"]["bytes_per_client"], entry["pgproxy"]["bytes_per_client"]
-            rows.append([title, "-", str(bouncer), str(proxy), "-", f"{proxy / max(1, bouncer):.2f}", "", "",
-                         f"bytes per idle client ({entry['clients']} clients, pgproxy 1w; {entry['note']})"])
-            if entry.get("transaction"):  # results of before it was measured have none
-                tx = entry["transaction"]
-                bouncer, proxy = tx["pgbouncer"]["bytes_per_client"], tx["pgproxy"]["bytes_per_client"]
-                rows.append(["7t memory per idle client, transaction pooling", "-", str(bouncer), str(proxy), "-",
-                             f"{proxy / max(1, bouncer):.2f}", "", "",
-                             f"bytes per idle client ({entry['clients']} clients, pgproxy 1w; no backend connection)"])
+            for row_title, measured, note in ((title, entry, entry["note"]),
+                                              ("7t memory per idle client, transaction pooling",
+                                               entry.get("transaction"), "no backend connection")):
+                if not measured:  # results from before 7t was measured have none
+                    continue
+                bouncer, proxy = measured["pgbouncer"]["bytes_per_client"], measured["pgproxy"]["bytes_per_client"]
+                rows.append([row_title, "-", str(bouncer), str(proxy), "-", f"{proxy / max(1, bouncer):.2f}", "", "",
+                             f"bytes per idle client ({entry['clients']} clients, pgproxy 1w; {note})"])
             continue
         if name == "ldap_connect":
             rows.append([title, "-", "-", f"{entry['cache_off']:.0f}", "-", "", "", "",

@@ -21,7 +21,6 @@ import enum
 import logging
 import ssl
 import struct
-import sys
 import time
 from types import MappingProxyType
 
@@ -52,7 +51,7 @@ def shared_params(params: dict[str, str]) -> MappingProxyType:
     if found is None:
         if len(_SHARED_PARAMS) >= _SHARED_PARAMS_MAX:
             _SHARED_PARAMS.clear()
-        found = _SHARED_PARAMS[key] = MappingProxyType({sys.intern(k): sys.intern(v) for k, v in key})
+        found = _SHARED_PARAMS[key] = MappingProxyType(dict(key))  # the key's strings, not copies
     return found
 
 
