@@ -81,7 +81,9 @@ class BackendConnection(asyncio.Protocol):
         self.close_reason = ""
         self.session = None  # the session's Relay (or a drainer) we deliver to, when ATTACHED
         self.forgotten = False  # the pool has stopped counting this connection
-        self._reader = MessageReader(CONTROL_MAX_MESSAGE)
+        # Control mode's framing; None while ATTACHED (the relay frames the stream then), so a
+        # connection held by an idle session keeps no reader (memory per idle client).
+        self._reader: MessageReader | None = MessageReader(CONTROL_MAX_MESSAGE)
         # Control mode's messages (login, exchange): a list, emptied at attach — a deque keeps
         # a 600-byte block even when empty, for as long as the connection lives.
         self._inbox: list[tuple[int, bytes]] = []
@@ -109,8 +111,11 @@ class BackendConnection(asyncio.Protocol):
             self._tls_answer = data  # the one-byte answer to SSLRequest ('S' or 'N')
             self._wake()
             return
+        reader = self._reader
+        if reader is None:  # back in control mode after an attachment
+            reader = self._reader = MessageReader(CONTROL_MAX_MESSAGE)
         try:
-            self._inbox.extend(self._reader.feed(data))
+            self._inbox.extend(reader.feed(data))
         except PgProxyError as exc:
             self.close(f"unreadable data from server: {exc.log_detail}")
             return
@@ -299,9 +304,14 @@ class BackendConnection(asyncio.Protocol):
             self.params = shared_params({**self.params, name: value})
 
     def attach(self, session) -> bytes:
-        """Hand the byte stream to a client session; returns what was already read, for it."""
+        """Hand the byte stream to a client session; returns what was already read, for it:
+        the whole messages queued and the start of one not yet complete (its rest comes to
+        the session), so the session's framing starts on a message boundary."""
         leftover = b"".join(raw for _, raw in self._inbox)
         self._inbox.clear()
+        if self._reader is not None:
+            leftover += self._reader.take_rest()
+            self._reader = None
         self.session = session
         self.state = BackendState.ATTACHED
         return leftover

@@ -87,6 +87,12 @@ class MessageReader:
     def buffered(self) -> int:
         return len(self._buf)
 
+    def take_rest(self) -> bytes:
+        """The bytes of an incomplete message, handed on (and no longer held here)."""
+        rest = bytes(self._buf)
+        self._buf.clear()
+        return rest
+
 
 _WANTED_SETS: dict[bytes, frozenset] = {}
 

@@ -107,3 +107,12 @@ def test_startup_packet_bounds():
     code, body = read_startup_packet(buf)
     assert code == 196608 and msg.parse_startup_params(body) == {"user": "a"}
     assert buf == b"extra"
+
+
+def test_message_reader_hands_on_an_incomplete_message():
+    reader = MessageReader(1 << 20)
+    whole = msg.message(b"S", b"a\0b\0")
+    assert reader.feed(whole + whole[:6]) == [(ord("S"), whole)]
+    assert reader.take_rest() == whole[:6]
+    assert reader.buffered == 0 and reader.take_rest() == b""
+    assert reader.feed(whole) == [(ord("S"), whole)]  # after it, framing starts afresh

@@ -9,6 +9,7 @@ import pytest
 from pgproxy.backend import connection
 from pgproxy.backend.connection import BackendConnection, shared_params
 from pgproxy.frontend import engine
+from pgproxy.protocol import messages as msg
 
 
 def _logged_in(values: dict[str, str]) -> BackendConnection:
@@ -57,3 +58,33 @@ def test_engine_keys_share_their_pairs_and_stay_equal_by_value():
         engine.settings_key({"pgproxy.session_id": str(i)})
         assert len(engine._PAIRS) <= engine._PAIRS_MAX
     assert one == engine.settings_key({"pgproxy.user": "alice", "pgproxy.session_id": "s1", "search_path": "public"})
+
+
+class _Receiver:
+    """Stands in for the session a connection is attached to: keeps what it is given."""
+
+    def __init__(self) -> None:
+        self.received = b""
+
+    def server_data(self, data: bytes) -> None:
+        self.received += data
+
+
+def test_attaching_hands_over_a_message_cut_in_two_and_keeps_no_reader():
+    """A message the server sent across the attach (a NOTIFY, a ParameterStatus) reaches the
+    session whole, first part from the control framing, rest straight; while attached the
+    connection holds no framing of its own; back in control mode it frames again."""
+    conn = BackendConnection("demo")
+    status = msg.message(b"S", b"DateStyle\0ISO, MDY\0")
+    notify = msg.message(b"A", b"\0\0\0\x07channel\0payload\0")
+    conn.data_received(status + notify[:9])  # one whole message and the start of the next
+    receiver = _Receiver()
+    leftover = conn.attach(receiver)
+    assert leftover == status + notify[:9]
+    assert conn._reader is None
+    conn.data_received(notify[9:])
+    assert leftover + receiver.received == status + notify  # the session's stream starts on a boundary
+    conn.detach()
+    conn.data_received(msg.ready_for_query(b"I")[:3])
+    conn.data_received(msg.ready_for_query(b"I")[3:])
+    assert conn._inbox == [(ord("Z"), msg.ready_for_query(b"I"))]
