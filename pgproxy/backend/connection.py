@@ -86,7 +86,7 @@ class BackendConnection(asyncio.Protocol):
         self._reader: MessageReader | None = MessageReader(CONTROL_MAX_MESSAGE)
         # Control mode's messages (login, exchange): a list, emptied at attach — a deque keeps
         # a 600-byte block even when empty, for as long as the connection lives.
-        self._inbox: list[tuple[int, bytes]] = []
+        self._inbox: list[tuple[int, bytes]] = ()  # a list only while messages wait: idle connections keep none
         self._waiter: asyncio.Future | None = None
         # Whose connection this is (transaction pooling keeps it between clients); the
         # session engine changes it through its methods only.
@@ -115,7 +115,10 @@ class BackendConnection(asyncio.Protocol):
         if reader is None:  # back in control mode after an attachment
             reader = self._reader = MessageReader(CONTROL_MAX_MESSAGE)
         try:
-            self._inbox.extend(reader.feed(data))
+            if self._inbox:
+                self._inbox.extend(reader.feed(data))
+            else:
+                self._inbox = reader.feed(data)  # a new list of its own
         except PgProxyError as exc:
             self.close(f"unreadable data from server: {exc.log_detail}")
             return
@@ -157,7 +160,11 @@ class BackendConnection(asyncio.Protocol):
             self._waiter = asyncio.get_running_loop().create_future()
             await self._waiter
             self._waiter = None
-        return self._inbox.pop(0)  # a handful of messages: a login's, an exchange's
+        inbox = self._inbox
+        message = inbox.pop(0)  # a handful of messages: a login's, an exchange's
+        if not inbox:
+            self._inbox = ()
+        return message
 
     async def login(self, user: str, password: str | None, extra: dict[str, str],
                     channel_binding: str = "prefer") -> None:
@@ -308,7 +315,7 @@ class BackendConnection(asyncio.Protocol):
         the whole messages queued and the start of one not yet complete (its rest comes to
         the session), so the session's framing starts on a message boundary."""
         leftover = b"".join(raw for _, raw in self._inbox)
-        self._inbox.clear()
+        self._inbox = ()
         if self._reader is not None:
             leftover += self._reader.take_rest()
             self._reader = None

@@ -19,7 +19,12 @@ Pure: no I/O. A connection that is reset (DISCARD ALL) or whose state is unknown
 
 from __future__ import annotations
 
-from collections import OrderedDict
+from types import MappingProxyType
+
+# What a connection holds while it has no statements: one read-only mapping shared by all
+# (an empty dict is 64 bytes, and in session pooling every idle client holds a connection).
+# Read-only, so a write that forgot to make its own dict fails instead of being shared.
+_NONE_HELD = MappingProxyType({})
 
 
 class ConnectionIdentity:
@@ -28,8 +33,8 @@ class ConnectionIdentity:
     def __init__(self) -> None:
         self.key = None
         self.person = None
-        self.prepared: OrderedDict[tuple, str] = OrderedDict()
-        self.pending: dict[str, int] = {}
+        self.prepared: dict[tuple, str] = _NONE_HELD  # oldest first (dicts keep insertion order)
+        self.pending: dict[str, int] = _NONE_HELD
         self.syncs = 0
         self.counter = 0
         self.unnamed_owner = None
@@ -42,16 +47,14 @@ class ConnectionIdentity:
         """Nobody's connection any more (reset, or a statement that may have undone our settings)."""
         self.key = None
         self.person = None
-        self.prepared.clear()
-        self.pending.clear()
+        self.prepared = self.pending = _NONE_HELD
         self.unnamed_owner = None
 
     def became(self, person, key) -> bool:
         """A switch to ``key`` went out; True if it was another person's (their statements go)."""
         new_person = self.person != person
         if new_person:
-            self.prepared.clear()
-            self.pending.clear()
+            self.prepared = self.pending = _NONE_HELD
         self.person, self.key, self.unnamed_owner = person, key, None
         return new_person
 
@@ -74,37 +77,43 @@ class ConnectionIdentity:
             sent = self.pending.get(name)
             if sent is not None and sent != self.syncs:
                 return None  # its Parse may have been skipped: prepare it again
-            self.prepared.move_to_end(key)
+            prepared = self.prepared
+            prepared[key] = prepared.pop(key)  # the most recently used goes last
         return name
 
     def prepare(self, key: tuple, limit: int) -> tuple[str, list[str]]:
         """A new name for ``key``, and the names evicted to stay within ``limit``."""
-        prepared = self.prepared
+        prepared, pending = self.prepared, self.pending
+        if prepared is _NONE_HELD:
+            prepared = self.prepared = {}
+        if pending is _NONE_HELD:
+            pending = self.pending = {}
         evicted = []
         prepared.pop(key, None)  # an older name still pending: abandoned (DISCARD ALL ends it)
         while len(prepared) >= limit:
-            old = prepared.popitem(last=False)[1]
-            self.pending.pop(old, None)
+            old = prepared.pop(next(iter(prepared)))  # the least recently used
+            pending.pop(old, None)
             evicted.append(old)
         self.counter += 1
         name = prepared[key] = f"pgproxy_{self.counter}"
-        self.pending[name] = self.syncs
+        pending[name] = self.syncs
         return name, evicted
 
     def prepared_ok(self, name: str) -> None:
         """Its ParseComplete came."""
-        self.pending.pop(name, None)
+        if name in self.pending:
+            del self.pending[name]
 
     def unprepare(self, key: tuple, name: str) -> None:
         """Its Parse failed or was skipped: the connection does not have it."""
-        self.pending.pop(name, None)
+        if name in self.pending:
+            del self.pending[name]
         if self.prepared.get(key) == name:
             del self.prepared[key]
 
     def deallocated(self) -> None:
         """DEALLOCATE ALL or DISCARD ALL ran: nothing is prepared any more."""
-        self.prepared.clear()
-        self.pending.clear()
+        self.prepared = self.pending = _NONE_HELD
         self.unnamed_owner = None
 
     # --- the unnamed statement ---------------------------------------------------------

@@ -76,6 +76,7 @@ The rules:
 from __future__ import annotations
 
 import time
+from types import MappingProxyType
 
 from pgproxy.errors import PgProxyError, ProxyFailure, protocol_violation
 from pgproxy.policy.guard import classify
@@ -106,6 +107,11 @@ _Q, _P, _B, _E, _S, _C, _D, _H, _F = (ord(c) for c in "QPBESCDHF")
 _FORWARD_ONLY = frozenset(b"dcfH")  # CopyData, CopyDone, CopyFail, Flush: no reply of their own
 _PAUSE, _RESUME = (PAUSE,), (RESUME,)
 _DEALLOCATES = frozenset({"deallocate", "deallocate_all"})
+# What a session holds while it has no statements, portals or startup settings: one
+# read-only mapping shared by all (thousands of idle sessions would each hold empty dicts).
+# Read-only, so a write that forgot to make the session its own dict fails, never shares.
+_NONE_HELD = MappingProxyType({})
+_NOTHING_WAITING = ()
 
 
 class Statement:
@@ -162,11 +168,22 @@ class TransactionPooling(PoolMode):
 
 POOL_MODES = {mode.name: mode() for mode in (SessionPooling, TransactionPooling)}
 
-# The (name, value) pairs of settings keys, one object per distinct pair: the sessions of one
-# person repeat every pair but the session id, and each session's key holds them while it
-# lives (memory per idle client). Bounded: emptied when full (a miss only costs the sharing).
+# The (name, value) pairs of settings keys, and the person tuples, one object per distinct
+# value: the sessions of one person repeat their person and every pair but the session id,
+# and each session holds them while it lives (memory per idle client). They are immutable and
+# only compared by value, so sharing an equal one changes nothing. Bounded: emptied when full
+# (a miss only costs the sharing).
 _PAIRS: dict[tuple[str, str], tuple[str, str]] = {}
+_PEOPLE: dict[tuple, tuple] = {}
 _PAIRS_MAX = 4096
+
+
+def one_copy(person: tuple) -> tuple:
+    """``person``, or an equal tuple another session holds already."""
+    people = _PEOPLE
+    if len(people) >= _PAIRS_MAX:
+        people.clear()
+    return people.setdefault(person, person)
 
 
 def settings_key(settings: dict[str, str]) -> tuple:
@@ -189,10 +206,11 @@ class Engine:
         self.mode = mode
         self.policy = policy  # the statement guard's rules for this role; None: the guard is off
         self.trail = trail    # the audit trail; read for ``available`` only
+        person = one_copy(person)
         self.role, self.person = role, person
         # Whose role and settings a connection must carry for this client.
         self.key = (person, settings_key(settings))
-        self.startup = startup or {}  # the client's startup parameters (RESET goes back to them)
+        self.startup = startup if startup is not None else _NONE_HELD  # the client's startup parameters (RESET goes back to them)
         self.signer = signer  # backend pid -> the signed-identity settings for it, or None
         self.refuse_state = refuse_state
         self.prepared_limit = prepared_limit
@@ -201,12 +219,12 @@ class Engine:
         self.pipeline = Pipeline()
         self.scanner = ServerStreamScanner(WANTED, SERVER_MESSAGE_LIMIT)
         self.actions: list[tuple] = []
-        self.statements: dict[str, tuple] = {}  # client statement name -> (text, parameter types)
-        self.portals: dict[str, tuple] = {}     # portal -> (text, params, formats), until the transaction ends
+        self.statements: dict[str, tuple] = _NONE_HELD  # client statement name -> (text, parameter types)
+        self.portals: dict[str, tuple] = _NONE_HELD     # portal -> (text, params, formats), until the transaction ends
         self.unnamed: tuple | None = None
         self.unnamed_gen = 0
         self.pinned = ""
-        self.waiting: list[tuple[int, bytes]] = []  # client messages not sent yet
+        self.waiting: list[tuple[int, bytes]] = _NOTHING_WAITING  # client messages not sent yet (a list of our own)
         self.txn_status = b"I"
         self.idle_since = time.monotonic()
         self.skipping = False  # a refused Parse: drop messages up to Sync
@@ -277,7 +295,7 @@ class Engine:
         backend.identity.drop_unnamed()
         if reset == switch.DISCARD:
             backend.identity.deallocated()
-            self.statements.clear()
+            self.statements = _NONE_HELD
             self.unnamed = None
         self.state = SWITCHING
         self.actions.append((COUNT, "pgproxy_identity_switches", "reset"))
@@ -328,7 +346,7 @@ class Engine:
     def _release(self) -> None:
         backend, self.backend = self.backend, None
         self.state = IDLE
-        self.portals.clear()
+        self.portals = _NONE_HELD
         self.idle_since = time.monotonic()
         self.actions.append((RELEASE, backend))
 
@@ -346,18 +364,24 @@ class Engine:
                 self._send(frames)
                 return
         elif state == IDLE:
-            self.waiting += frames
+            self._wait(frames)
             self.state = WAITING
             # The driver answers at once when one is idle; else it stops reading the client.
             self.actions.append((ACQUIRE, self.key))
             return
         elif state == CLOSED:
             return
-        self.waiting += frames
+        self._wait(frames)
         self.actions.append(_PAUSE)
 
+    def _wait(self, frames: list[tuple[int, bytes]]) -> None:
+        if self.waiting:
+            self.waiting += frames
+        else:
+            self.waiting = list(frames)  # our own list: the caller's is not kept
+
     def _send_waiting(self) -> None:
-        frames, self.waiting = self.waiting, []
+        frames, self.waiting = self.waiting, _NOTHING_WAITING
         self._send(frames)
         if not self.waiting:
             self.actions.append(_RESUME)
@@ -614,17 +638,17 @@ class Engine:
     def _answer_locally(self, effects) -> bool:
         if not self.mode.renames:  # the client's own statement names: PostgreSQL answers
             if effects.local == "deallocate_all":
-                self.statements.clear()
+                self.statements = _NONE_HELD
             elif effects.local == "deallocate":
-                self.statements.pop(effects.name, None)
+                self._forget_statement(effects.name)
             return False
         if effects.local == "deallocate":
             if effects.name not in self.statements:
                 return False  # not ours (an SQL PREPARE of a pinned session): the server decides
-            del self.statements[effects.name]
+            self._forget_statement(effects.name)
             tag = "DEALLOCATE"
         elif effects.local == "deallocate_all":
-            self.statements.clear()
+            self.statements = _NONE_HELD
             tag = "DEALLOCATE ALL"
         else:
             if self.pinned or self.txn_status != b"I" or self.pipeline:
@@ -632,7 +656,7 @@ class Engine:
                 # re-applied); in a transaction block, or behind replies still due, the server
                 # decides (it refuses DISCARD ALL in a transaction, as the client would expect).
                 return False
-            self.statements.clear()
+            self.statements = _NONE_HELD
             self.unnamed = None
             tag = "DISCARD ALL"
         self.actions.append((AUDIT_LOCAL, tag))
@@ -694,7 +718,13 @@ class Engine:
         if name not in self.statements and len(self.statements) >= MAX_CLIENT_STATEMENTS:
             raise ProxyFailure(f"more than {MAX_CLIENT_STATEMENTS} prepared statements in one session",
                                sqlstate="54000", severity="FATAL")
+        if self.statements is _NONE_HELD:
+            self.statements = {}
         self.statements[name] = key
+
+    def _forget_statement(self, name: str) -> None:
+        if name in self.statements:  # then it is the session's own dict
+            del self.statements[name]
 
     def _prepare(self, key: tuple, out: list[bytes], quiet: bool) -> str:
         """Send a Parse for ``key`` under a new name on this connection, evicting the oldest."""
@@ -730,6 +760,8 @@ class Engine:
         text, types = self.statements.get(bind.statement, self.unnamed if not bind.statement else None) or ("", ())
         if self.described_types is not None and bind.statement in self.described_types:
             types = self.described_types[bind.statement]  # asyncpg & co. leave the types to the server
+        if self.portals is _NONE_HELD:
+            self.portals = {}
         self.portals[bind.portal] = (text, bind.params, (bind.param_formats, types))
         if self.mode.renames:
             ours = self._statement_on_backend(bind.statement, out)
@@ -754,13 +786,14 @@ class Engine:
     def _close(self, raw: bytes, out: list[bytes]) -> None:
         what, name = msg.parse_close(raw[5:])
         if what == "S" and name and self.mode.renames:
-            self.statements.pop(name, None)  # the connection keeps it for reuse (LRU)
+            self._forget_statement(name)  # the connection keeps it for reuse (LRU)
             self.pipeline.expect(Expected(CLOSE, SYNTH, reply=msg.CLOSE_COMPLETE))
             return
         if what == "P":
-            self.portals.pop(name, None)
+            if name in self.portals:
+                del self.portals[name]
         elif name:
-            self.statements.pop(name, None)
+            self._forget_statement(name)
         else:
             self.unnamed = None
         out.append(raw)

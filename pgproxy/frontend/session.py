@@ -34,6 +34,7 @@ import enum
 import logging
 import secrets
 import ssl
+import sys
 import time
 
 from pgproxy.auth import oauthbearer as oauth
@@ -123,7 +124,8 @@ class ClientSession(asyncio.Protocol):
         self.transport = transport
         peer = transport.get_extra_info("peername")
         self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else "unix"
-        self.peer_ip = peer[0] if isinstance(peer, tuple) else "unix"
+        # One string per address, not per connection: clients come from few addresses.
+        self.peer_ip = sys.intern(peer[0]) if isinstance(peer, tuple) else "unix"
         self._auth_timer = asyncio.get_running_loop().call_later(
             self.server.cfg.server.auth_timeout_s, self._auth_timed_out)  # the PROXY header's deadline too
         server_cfg = self.server.cfg.server
@@ -307,7 +309,7 @@ class ClientSession(asyncio.Protocol):
         if header.source is not None:
             self.proxied_by = self.peer
             host, port = header.source
-            self.peer, self.peer_ip = f"{host}:{port}", host
+            self.peer, self.peer_ip = f"{host}:{port}", sys.intern(host)
         log.debug("PROXY header accepted", extra={"session": self.session_id, "client": self.peer,
                                                   "balancer": self.proxied_by or self.peer,
                                                   "version": header.version, "command": header.command})

@@ -8,6 +8,8 @@ are refused, whether given directly or inside ``options`` (``-c role=x``,
 
 from __future__ import annotations
 
+from types import MappingProxyType
+
 from pgproxy.errors import forbidden_parameter, protocol_violation, unsupported
 from pgproxy.policy.session_state import client_only_encoding
 
@@ -15,6 +17,7 @@ IDENTITY_NAMESPACE = "pgproxy."
 FORBIDDEN = {"role", "session_authorization", "replication", "is_superuser"}
 NOT_SETTINGS = {"user", "database"}  # startup keys that are not run-time settings
 MAX_SETTINGS = 64
+NO_SETTINGS = MappingProxyType({})
 
 
 def client_settings(params: dict[str, str]) -> tuple[dict[str, str], list[str]]:
@@ -37,7 +40,8 @@ def client_settings(params: dict[str, str]) -> tuple[dict[str, str], list[str]]:
         settings[name] = value
     if len(settings) > MAX_SETTINGS:
         raise protocol_violation("too many startup parameters")
-    return settings, protocol_options
+    # Most clients set nothing: they share one read-only empty mapping (memory per idle client).
+    return settings or NO_SETTINGS, protocol_options
 
 
 def _check(name: str, value: str) -> None:

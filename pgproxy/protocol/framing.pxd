@@ -14,7 +14,7 @@
 cimport cython
 
 cdef class MessageReader:
-    cdef bytearray _buf
+    cdef object _buf  # b"" or, while it holds part of a message, a bytearray
     cdef Py_ssize_t _max
 
     @cython.locals(pos=Py_ssize_t, end=Py_ssize_t, max_size=Py_ssize_t, length=Py_ssize_t, stop=Py_ssize_t)

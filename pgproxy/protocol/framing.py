@@ -49,7 +49,7 @@ class MessageReader:
     __slots__ = ("_buf", "_max")
 
     def __init__(self, max_size: int) -> None:
-        self._buf = bytearray()
+        self._buf: bytes | bytearray = b""  # a bytearray only while it holds part of a message
         self._max = max_size
 
     def feed(self, data: bytes) -> list[tuple[int, bytes]]:
@@ -57,9 +57,8 @@ class MessageReader:
         buf = self._buf
         if not buf:
             return self._split(data)
-        buf += data
-        out = self._split(buf)
-        return out
+        buf += data  # not empty: a bytearray
+        return self._split(buf)
 
     def _split(self, data: bytes | bytearray) -> list[tuple[int, bytes]]:
         out: list[tuple[int, bytes]] = []
@@ -77,10 +76,13 @@ class MessageReader:
             out.append((kind[0], whole))
             pos = stop
         if data is self._buf:
-            del self._buf[:pos]
+            if pos == end:
+                self._buf = b""  # idle sessions keep no spare buffer
+            else:
+                del data[:pos]
         elif pos < end:
             # A length check on a partial header happens when the rest arrives.
-            self._buf += data[pos:]
+            self._buf = bytearray(data[pos:])
         return out
 
     @property
@@ -90,7 +92,7 @@ class MessageReader:
     def take_rest(self) -> bytes:
         """The bytes of an incomplete message, handed on (and no longer held here)."""
         rest = bytes(self._buf)
-        self._buf.clear()
+        self._buf = b""
         return rest
 
 

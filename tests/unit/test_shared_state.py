@@ -1,6 +1,7 @@
 """What idle sessions share to be small: one read-only copy of equal ParameterStatus values, one
-object per settings pair of the engines' keys. Shared must never mean one session's change
-shows in another."""
+object per settings pair of the engines' keys and per person, one read-only empty mapping for
+statements, portals and startup settings not had yet. Shared must never mean one session's
+change shows in another."""
 
 from __future__ import annotations
 
@@ -8,8 +9,12 @@ import pytest
 
 from pgproxy.backend import connection
 from pgproxy.backend.connection import BackendConnection, shared_params
+from pgproxy.backend.identity import ConnectionIdentity
 from pgproxy.frontend import engine
+from pgproxy.frontend.startup import client_settings
 from pgproxy.protocol import messages as msg
+from tests.support.engine_world import World
+from tests.unit.test_engine import extended, settle_all
 
 
 def _logged_in(values: dict[str, str]) -> BackendConnection:
@@ -88,3 +93,60 @@ def test_attaching_hands_over_a_message_cut_in_two_and_keeps_no_reader():
     conn.data_received(msg.ready_for_query(b"I")[:3])
     conn.data_received(msg.ready_for_query(b"I")[3:])
     assert conn._inbox == [(ord("Z"), msg.ready_for_query(b"I"))]
+
+
+def test_idle_sessions_hold_one_read_only_empty_mapping_and_a_statement_makes_a_sessions_own():
+    world = World("transaction", connections=2)
+    alice, bob = world.login("alice"), world.login("bob")
+    assert alice.engine.statements is bob.engine.statements  # neither has prepared anything
+    with pytest.raises(TypeError):
+        alice.engine.statements["s1"] = ("SELECT 1", ())  # a write that forgot its own dict fails
+    world.send(alice, extended("SELECT 1", name="s1"))
+    settle_all(world)
+    world.send(bob, extended("SELECT 2", name="s1"))
+    settle_all(world)
+    assert alice.engine.statements["s1"][0] == "SELECT 1" and bob.engine.statements["s1"][0] == "SELECT 2"
+    ran = [entry for conn in world.connections for entry in conn.ran]
+    assert ("SELECT 1", "alice") in ran and ("SELECT 2", "bob") in ran and world.violations == []
+    carol = world.login("carol")
+    assert dict(carol.engine.statements) == {} and dict(carol.engine.portals) == {}
+
+
+def test_a_connections_statements_are_its_own_lru_and_forgetting_them_frees_them():
+    a, b = ConnectionIdentity(), ConnectionIdentity()
+    keys = [(f"SELECT {i}", ()) for i in range(4)]
+    names = []
+    for key in keys[:3]:
+        name, evicted = a.prepare(key, 3)
+        a.prepared_ok(name)
+        names.append(name)
+        assert evicted == []
+    assert a.lookup(keys[0]) == names[0]  # used: now the most recent
+    fourth, evicted = a.prepare(keys[3], 3)
+    assert evicted == [names[1]]  # the least recently used goes, not the oldest prepared
+    assert a.lookup(keys[1]) is None and a.lookup(keys[0]) == names[0] and a.lookup(keys[3]) == fourth
+    assert b.lookup(keys[0]) is None and len(b.prepared) == 0  # nothing of a's shows in b
+    a.synced()
+    assert a.lookup(keys[3]) is None  # unanswered at the Sync: its Parse may have been skipped
+    assert a.lookup(keys[0]) == names[0]  # answered: still there
+    a.forget()
+    assert all(a.lookup(key) is None for key in keys) and a.prepared is b.prepared
+    name, _ = a.prepare(keys[2], 3)
+    assert a.lookup(keys[2]) == name and b.lookup(keys[2]) is None
+
+
+def test_sessions_of_one_person_share_the_person_and_nothing_set_at_startup_is_one_mapping():
+    first = engine.one_copy(("role_alice", "alice", ("analysts",), "jwt", "alice"))
+    again = engine.one_copy(("role_alice", "alice", ("analysts",), "jwt", "alice"))
+    other = engine.one_copy(("role_alice", "alice", ("admins",), "jwt", "alice"))
+    assert first is again and other is not first and other[2] == ("admins",)
+    for i in range(engine._PAIRS_MAX + 50):
+        engine.one_copy(("role", f"user{i}", (), "jwt", str(i)))
+        assert len(engine._PEOPLE) <= engine._PAIRS_MAX
+    plain, _ = client_settings({"user": "alice", "database": "app"})
+    also_plain, _ = client_settings({"user": "bob"})
+    assert plain is also_plain and dict(plain) == {}
+    with pytest.raises(TypeError):
+        plain["search_path"] = "evil"  # type: ignore[index]
+    own, _ = client_settings({"user": "carol", "application_name": "psql"})
+    assert own == {"application_name": "psql"} and dict(plain) == {}
