@@ -249,6 +249,10 @@ class JwtAuthenticator:
         # token digest -> (counts until, claims, fingerprint of the verifying JWKS key or None for HMAC)
         self._cache: OrderedDict[bytes, tuple[float, dict, str | None]] = OrderedDict()
         self.cache_hits = 0
+        # startup user -> (the cached claims it was made from, the Identity): the sessions one
+        # token opens (a tool's connection pool) share one frozen Identity, not one each (memory
+        # per idle client). Only the very claims object the token cache returned again matches.
+        self._identities: dict[str, tuple[dict, Identity]] = {}
 
     async def authenticate(self, user: str, token: str) -> Identity:
         try:
@@ -257,7 +261,15 @@ class JwtAuthenticator:
             if exc.sqlstate == "28P01":
                 raise auth_failed(user, exc.log_detail) from None
             raise
-        return self._identity(user, claims)
+        known = self._identities.get(user)
+        if known is not None and known[0] is claims:
+            return known[1]
+        identity = self._identity(user, claims)
+        if self._cfg.token_cache_size:
+            if len(self._identities) >= self._cfg.token_cache_size:
+                self._identities.clear()
+            self._identities[user] = (claims, identity)
+        return identity
 
     async def _verified_claims(self, token: str) -> dict:
         if self.introspection is not None and not looks_like_jwt(token):

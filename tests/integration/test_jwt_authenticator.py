@@ -46,6 +46,28 @@ def test_validated_tokens_are_cached_until_shortly_before_expiry():
         issuer.stop()
 
 
+def test_the_sessions_of_one_token_share_one_identity_and_a_new_token_gets_its_own():
+    issuer = DevIssuer().start()
+    try:
+        auth = _authenticator(issuer.url)
+        token, later = issuer.mint("alice", ["g"]), issuer.mint("alice", ["g", "h"], ttl_s=7200)
+
+        async def logins():
+            first = await auth.authenticate("alice", token)
+            again = await auth.authenticate("alice", token)
+            with pytest.raises(PgProxyError):
+                await auth.authenticate("bob", token)  # the shared identity is alice's alone
+            renewed = await auth.authenticate("alice", later)
+            return first, again, renewed, await auth.authenticate("alice", token)
+
+        first, again, renewed, back = asyncio.run(logins())
+        assert again is first and first.username == "alice" and first.groups == ("g",)
+        assert renewed is not first and renewed.groups == ("g", "h") and renewed.expires_at > first.expires_at
+        assert back == first and back.groups == ("g",)  # the first token again: its own claims, not the later's
+    finally:
+        issuer.stop()
+
+
 def test_unknown_kid_refetch_is_rate_limited():
     issuer = DevIssuer().start()
     try:
