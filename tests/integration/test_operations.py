@@ -83,7 +83,8 @@ def test_metrics_sum_both_workers_and_cover_every_declared_series(base_config, i
         assert value(samples, "pgproxy_backend_connections", database="demo", state="in_use") == n
         assert value(samples, "pgproxy_pool_wait_seconds_count", database="demo") >= 8
         # carol authenticates (ok) but no rule maps her to a role: a denial, not a failed login.
-        assert value(samples, "pgproxy_auth_attempts_total", method="jwt", result="ok") == 9
+        # (n is 8, or more when the kernel put the first 8 on one worker: 1 time in 128)
+        assert value(samples, "pgproxy_auth_attempts_total", method="jwt", result="ok") == n + 1
         assert value(samples, "pgproxy_auth_attempts_total", method="jwt", result="failed") == 1
         assert value(samples, "pgproxy_denials_total", reason="startup_parameter") == 1
         assert value(samples, "pgproxy_denials_total", reason="not_authorized") == 1
