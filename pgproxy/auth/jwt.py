@@ -252,7 +252,7 @@ class JwtAuthenticator:
         # startup user -> (the cached claims it was made from, the Identity): the sessions one
         # token opens (a tool's connection pool) share one frozen Identity, not one each (memory
         # per idle client). Only the very claims object the token cache returned again matches.
-        self._identities: dict[str, tuple[dict, Identity]] = {}
+        self._identities: OrderedDict[str, tuple[dict, Identity]] = OrderedDict()
 
     async def authenticate(self, user: str, token: str) -> Identity:
         try:
@@ -266,9 +266,7 @@ class JwtAuthenticator:
             return known[1]
         identity = self._identity(user, claims)
         if self._cfg.token_cache_size:
-            if len(self._identities) >= self._cfg.token_cache_size:
-                self._identities.clear()
-            self._identities[user] = (claims, identity)
+            remember(self._identities, user, (claims, identity), self._cfg.token_cache_size)
         return identity
 
     async def _verified_claims(self, token: str) -> dict:

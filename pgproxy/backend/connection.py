@@ -24,7 +24,7 @@ import struct
 import time
 from types import MappingProxyType
 
-from pgproxy.backend.identity import ConnectionIdentity
+from pgproxy.backend.identity import EMPTY, ConnectionIdentity
 from pgproxy.errors import PgProxyError, ProxyFailure, backend_unavailable
 from pgproxy.protocol import messages as msg
 from pgproxy.protocol.framing import MessageReader
@@ -41,7 +41,6 @@ CONTROL_MAX_MESSAGE = 1 << 20
 # an update replaces the connection's own mapping (set_param). Bounded: emptied when full.
 _SHARED_PARAMS: dict[tuple, MappingProxyType] = {}
 _SHARED_PARAMS_MAX = 1024
-EMPTY_PARAMS: MappingProxyType = MappingProxyType({})
 
 
 def shared_params(params: dict[str, str]) -> MappingProxyType:
@@ -74,7 +73,7 @@ class BackendConnection(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.pid = 0
         self.secret = 0
-        self.params: MappingProxyType = EMPTY_PARAMS  # read-only and shared: see set_param
+        self.params: MappingProxyType = EMPTY  # read-only and shared: see set_param
         self.txn_status = b"I"
         self.created_at = time.monotonic()
         self.idle_since = self.created_at

@@ -21,10 +21,11 @@ from __future__ import annotations
 
 from types import MappingProxyType
 
-# What a connection holds while it has no statements: one read-only mapping shared by all
-# (an empty dict is 64 bytes, and in session pooling every idle client holds a connection).
-# Read-only, so a write that forgot to make its own dict fails instead of being shared.
-_NONE_HELD = MappingProxyType({})
+# The one empty mapping that connections and sessions hold while they have nothing of a kind
+# (statements, portals, startup settings, ParameterStatus values): an empty dict is 64 bytes,
+# and thousands of idle clients would each hold several. Read-only, so a write that forgot to
+# make its own dict fails instead of being shared.
+EMPTY = MappingProxyType({})
 
 
 class ConnectionIdentity:
@@ -33,8 +34,8 @@ class ConnectionIdentity:
     def __init__(self) -> None:
         self.key = None
         self.person = None
-        self.prepared: dict[tuple, str] = _NONE_HELD  # oldest first (dicts keep insertion order)
-        self.pending: dict[str, int] = _NONE_HELD
+        self.prepared: dict[tuple, str] = EMPTY  # oldest first (dicts keep insertion order)
+        self.pending: dict[str, int] = EMPTY
         self.syncs = 0
         self.counter = 0
         self.unnamed_owner = None
@@ -47,14 +48,14 @@ class ConnectionIdentity:
         """Nobody's connection any more (reset, or a statement that may have undone our settings)."""
         self.key = None
         self.person = None
-        self.prepared = self.pending = _NONE_HELD
+        self.prepared = self.pending = EMPTY
         self.unnamed_owner = None
 
     def became(self, person, key) -> bool:
         """A switch to ``key`` went out; True if it was another person's (their statements go)."""
         new_person = self.person != person
         if new_person:
-            self.prepared = self.pending = _NONE_HELD
+            self.prepared = self.pending = EMPTY
         self.person, self.key, self.unnamed_owner = person, key, None
         return new_person
 
@@ -84,9 +85,9 @@ class ConnectionIdentity:
     def prepare(self, key: tuple, limit: int) -> tuple[str, list[str]]:
         """A new name for ``key``, and the names evicted to stay within ``limit``."""
         prepared, pending = self.prepared, self.pending
-        if prepared is _NONE_HELD:
+        if prepared is EMPTY:
             prepared = self.prepared = {}
-        if pending is _NONE_HELD:
+        if pending is EMPTY:
             pending = self.pending = {}
         evicted = []
         prepared.pop(key, None)  # an older name still pending: abandoned (DISCARD ALL ends it)
@@ -113,7 +114,7 @@ class ConnectionIdentity:
 
     def deallocated(self) -> None:
         """DEALLOCATE ALL or DISCARD ALL ran: nothing is prepared any more."""
-        self.prepared = self.pending = _NONE_HELD
+        self.prepared = self.pending = EMPTY
         self.unnamed_owner = None
 
     # --- the unnamed statement ---------------------------------------------------------

@@ -76,8 +76,8 @@ The rules:
 from __future__ import annotations
 
 import time
-from types import MappingProxyType
 
+from pgproxy.backend.identity import EMPTY
 from pgproxy.errors import PgProxyError, ProxyFailure, protocol_violation
 from pgproxy.policy.guard import classify
 from pgproxy.policy.session_state import NOTHING, client_only_encoding, repeated_effects, session_effects
@@ -107,10 +107,6 @@ _Q, _P, _B, _E, _S, _C, _D, _H, _F = (ord(c) for c in "QPBESCDHF")
 _FORWARD_ONLY = frozenset(b"dcfH")  # CopyData, CopyDone, CopyFail, Flush: no reply of their own
 _PAUSE, _RESUME = (PAUSE,), (RESUME,)
 _DEALLOCATES = frozenset({"deallocate", "deallocate_all"})
-# What a session holds while it has no statements, portals or startup settings: one
-# read-only mapping shared by all (thousands of idle sessions would each hold empty dicts).
-# Read-only, so a write that forgot to make the session its own dict fails, never shares.
-_NONE_HELD = MappingProxyType({})
 _NOTHING_WAITING = ()
 
 
@@ -210,7 +206,7 @@ class Engine:
         self.role, self.person = role, person
         # Whose role and settings a connection must carry for this client.
         self.key = (person, settings_key(settings))
-        self.startup = startup if startup is not None else _NONE_HELD  # the client's startup parameters (RESET goes back to them)
+        self.startup = startup if startup is not None else EMPTY  # the client's startup parameters (RESET goes back to them)
         self.signer = signer  # backend pid -> the signed-identity settings for it, or None
         self.refuse_state = refuse_state
         self.prepared_limit = prepared_limit
@@ -219,8 +215,8 @@ class Engine:
         self.pipeline = Pipeline()
         self.scanner = ServerStreamScanner(WANTED, SERVER_MESSAGE_LIMIT)
         self.actions: list[tuple] = []
-        self.statements: dict[str, tuple] = _NONE_HELD  # client statement name -> (text, parameter types)
-        self.portals: dict[str, tuple] = _NONE_HELD     # portal -> (text, params, formats), until the transaction ends
+        self.statements: dict[str, tuple] = EMPTY  # client statement name -> (text, parameter types)
+        self.portals: dict[str, tuple] = EMPTY     # portal -> (text, params, formats), until the transaction ends
         self.unnamed: tuple | None = None
         self.unnamed_gen = 0
         self.pinned = ""
@@ -295,7 +291,7 @@ class Engine:
         backend.identity.drop_unnamed()
         if reset == switch.DISCARD:
             backend.identity.deallocated()
-            self.statements = _NONE_HELD
+            self.statements = EMPTY
             self.unnamed = None
         self.state = SWITCHING
         self.actions.append((COUNT, "pgproxy_identity_switches", "reset"))
@@ -346,7 +342,7 @@ class Engine:
     def _release(self) -> None:
         backend, self.backend = self.backend, None
         self.state = IDLE
-        self.portals = _NONE_HELD
+        self.portals = EMPTY
         self.idle_since = time.monotonic()
         self.actions.append((RELEASE, backend))
 
@@ -638,7 +634,7 @@ class Engine:
     def _answer_locally(self, effects) -> bool:
         if not self.mode.renames:  # the client's own statement names: PostgreSQL answers
             if effects.local == "deallocate_all":
-                self.statements = _NONE_HELD
+                self.statements = EMPTY
             elif effects.local == "deallocate":
                 self._forget_statement(effects.name)
             return False
@@ -648,7 +644,7 @@ class Engine:
             self._forget_statement(effects.name)
             tag = "DEALLOCATE"
         elif effects.local == "deallocate_all":
-            self.statements = _NONE_HELD
+            self.statements = EMPTY
             tag = "DEALLOCATE ALL"
         else:
             if self.pinned or self.txn_status != b"I" or self.pipeline:
@@ -656,7 +652,7 @@ class Engine:
                 # re-applied); in a transaction block, or behind replies still due, the server
                 # decides (it refuses DISCARD ALL in a transaction, as the client would expect).
                 return False
-            self.statements = _NONE_HELD
+            self.statements = EMPTY
             self.unnamed = None
             tag = "DISCARD ALL"
         self.actions.append((AUDIT_LOCAL, tag))
@@ -718,7 +714,7 @@ class Engine:
         if name not in self.statements and len(self.statements) >= MAX_CLIENT_STATEMENTS:
             raise ProxyFailure(f"more than {MAX_CLIENT_STATEMENTS} prepared statements in one session",
                                sqlstate="54000", severity="FATAL")
-        if self.statements is _NONE_HELD:
+        if self.statements is EMPTY:
             self.statements = {}
         self.statements[name] = key
 
@@ -760,7 +756,7 @@ class Engine:
         text, types = self.statements.get(bind.statement, self.unnamed if not bind.statement else None) or ("", ())
         if self.described_types is not None and bind.statement in self.described_types:
             types = self.described_types[bind.statement]  # asyncpg & co. leave the types to the server
-        if self.portals is _NONE_HELD:
+        if self.portals is EMPTY:
             self.portals = {}
         self.portals[bind.portal] = (text, bind.params, (bind.param_formats, types))
         if self.mode.renames:

@@ -8,8 +8,7 @@ are refused, whether given directly or inside ``options`` (``-c role=x``,
 
 from __future__ import annotations
 
-from types import MappingProxyType
-
+from pgproxy.backend.identity import EMPTY
 from pgproxy.errors import forbidden_parameter, protocol_violation, unsupported
 from pgproxy.policy.session_state import client_only_encoding
 
@@ -17,7 +16,6 @@ IDENTITY_NAMESPACE = "pgproxy."
 FORBIDDEN = {"role", "session_authorization", "replication", "is_superuser"}
 NOT_SETTINGS = {"user", "database"}  # startup keys that are not run-time settings
 MAX_SETTINGS = 64
-NO_SETTINGS = MappingProxyType({})
 
 
 def client_settings(params: dict[str, str]) -> tuple[dict[str, str], list[str]]:
@@ -41,7 +39,7 @@ def client_settings(params: dict[str, str]) -> tuple[dict[str, str], list[str]]:
     if len(settings) > MAX_SETTINGS:
         raise protocol_violation("too many startup parameters")
     # Most clients set nothing: they share one read-only empty mapping (memory per idle client).
-    return settings or NO_SETTINGS, protocol_options
+    return settings or EMPTY, protocol_options
 
 
 def _check(name: str, value: str) -> None:

@@ -57,6 +57,8 @@ def test_the_sessions_of_one_token_share_one_identity_and_a_new_token_gets_its_o
             again = await auth.authenticate("alice", token)
             with pytest.raises(PgProxyError):
                 await auth.authenticate("bob", token)  # the shared identity is alice's alone
+            with pytest.raises(PgProxyError):
+                await auth.authenticate("ALICE", token)  # another spelling: checked, not shared
             renewed = await auth.authenticate("alice", later)
             return first, again, renewed, await auth.authenticate("alice", token)
 

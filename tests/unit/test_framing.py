@@ -6,6 +6,8 @@ import random
 import struct
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from pgproxy.errors import ClientError
 from pgproxy.protocol import messages as msg
@@ -116,3 +118,18 @@ def test_message_reader_hands_on_an_incomplete_message():
     assert reader.take_rest() == whole[:6]
     assert reader.buffered == 0 and reader.take_rest() == b""
     assert reader.feed(whole) == [(ord("S"), whole)]  # after it, framing starts afresh
+
+
+@given(st.lists(st.binary(max_size=40), min_size=1, max_size=8), st.lists(st.integers(0, 400), max_size=12))
+def test_message_reader_returns_every_message_whole_however_the_stream_is_cut(bodies, cuts):
+    """Cuts anywhere, the header included; between partial messages the reader switches
+    between holding nothing and holding a buffer of its own, and must lose no byte."""
+    messages = [msg.message(b"d", body) for body in bodies]
+    stream = b"".join(messages)
+    points = sorted({min(c, len(stream)) for c in cuts} | {0, len(stream)})
+    reader = MessageReader(1024)
+    got = []
+    for start, stop in zip(points, points[1:]):
+        got += reader.feed(stream[start:stop])
+        assert reader.buffered == stop - sum(len(raw) for _, raw in got)
+    assert got == [(ord("d"), m) for m in messages] and reader.buffered == 0

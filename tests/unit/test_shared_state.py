@@ -150,3 +150,25 @@ def test_sessions_of_one_person_share_the_person_and_nothing_set_at_startup_is_o
         plain["search_path"] = "evil"  # type: ignore[index]
     own, _ = client_settings({"user": "carol", "application_name": "psql"})
     assert own == {"application_name": "psql"} and dict(plain) == {}
+
+
+def test_closing_and_deallocating_names_a_session_never_made_leaves_the_shared_mapping_empty():
+    """A client's Close and DEALLOCATE of names it never prepared (nor anyone, or another
+    session's) touch nothing shared: the server or the proxy answers as PostgreSQL would."""
+    world = World("transaction", connections=2)
+    alice, bob = world.login("alice"), world.login("bob")
+    world.send(bob, extended("SELECT 2", name="s1"))
+    settle_all(world)
+    close = [(ord("C"), msg.close_message("S", "s1")), (ord("C"), msg.close_message("P", "p9")),
+             (ord("S"), msg.SYNC)]
+    world.send(alice, close)
+    settle_all(world)
+    world.send(alice, [(ord("Q"), msg.query("DEALLOCATE s1"))])
+    settle_all(world)
+    world.send(alice, [(ord("Q"), msg.query("DEALLOCATE ALL"))])
+    settle_all(world)
+    assert alice.engine.statements is engine.EMPTY and dict(engine.EMPTY) == {}
+    assert bob.engine.statements["s1"][0] == "SELECT 2" and world.violations == []
+    world.send(bob, extended("SELECT 2", name="s1")[1:])  # bob's s1 still binds and runs as bob
+    settle_all(world)
+    assert [entry for conn in world.connections for entry in conn.ran][-1] == ("SELECT 2", "bob")
