@@ -295,7 +295,8 @@ class AuditSection:
     on_failure: str = option("refuse", "while the audit file cannot be written: refuse new statements and logins "
                                        "(58030) until it can, or continue without a trail (UNSAFE: records are "
                                        "dropped past queue_size)")
-    durability: str = option("batch", "batch: records are written every flush_interval_ms; before_result: a "
+    durability: str = option("batch", "batch: records are rendered in batches every flush_interval_ms / 2 and "
+                                      "written every flush_interval_ms; before_result: a "
                                       "statement's result reaches the client only once its record is written "
                                       "and fsync'ed")
     flush_interval_ms: int = option(20, "durability = batch: the writer appends what is queued this often")

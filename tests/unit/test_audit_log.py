@@ -416,3 +416,77 @@ def test_two_writers_rotating_the_same_file_rotate_it_once_and_lose_nothing(tmp_
     assert sorted(texts(*files)) == sorted([f"SELECT {i}" for i in range(120)] + ["last a", "last b"])
     report = verify(files)
     assert report.problems == [] and report.writers == 2
+
+
+# --- statement records on an event loop: rendered in batches, in order ------------------
+
+def test_statements_on_a_loop_are_written_in_order_around_events(tmp_path):
+    """Batch durability renders statement records together, a moment after they come: an
+    event queued meanwhile still follows the statements before it, and the chain holds."""
+    path = tmp_path / "audit.jsonl"
+    log = AuditLog(AuditSection(file=str(path), flush_interval_ms=20))
+
+    async def main():
+        assert statement(log, "one") == 0 and statement(log, "two") == 0  # no seq: nobody waits on it
+        log.event("denied", session="s1", user="alice", statement="three", reason="read_only")
+        statement(log, "four")
+        await asyncio.sleep(0)
+        await asyncio.to_thread(wait_until, lambda: "four" in texts(path), 5.0)  # written without close()
+
+    asyncio.run(main())
+    log.close()
+    own = [r for r in records(path) if not r["event"].startswith("audit_")]
+    assert [(r["event"], r.get("statement")) for r in own] == [("statement", "one"), ("statement", "two"),
+                                                               ("denied", "three"), ("statement", "four")]
+    seqs = [r["seq"] for r in records(path)]
+    assert seqs == list(range(1, len(seqs) + 1))
+    assert verify([str(path)]).problems == []
+
+
+def test_records_of_a_loop_that_ended_before_their_render_are_not_stranded(tmp_path):
+    path = tmp_path / "audit.jsonl"
+    log = AuditLog(AuditSection(file=str(path), flush_interval_ms=1000))  # renders 0.5 s after
+
+    async def first():
+        statement(log, "on the first loop")  # the loop ends long before its render is due
+
+    async def second():
+        statement(log, "on the second loop")
+        await asyncio.to_thread(wait_until, lambda: "on the second loop" in texts(path), 5.0)
+
+    asyncio.run(first())
+    assert "on the first loop" not in texts(path)
+    asyncio.run(second())
+    assert texts(path) == ["on the first loop", "on the second loop"]  # before close()
+    statement(log, "off any loop")  # rendered at once, after what was due
+    log.close()
+    assert texts(path) == ["on the first loop", "on the second loop", "off any loop"]
+
+
+def test_close_and_reload_render_what_is_due_as_configured_when_it_ran(tmp_path):
+    path = tmp_path / "audit.jsonl"
+    log = AuditLog(AuditSection(file=str(path), flush_interval_ms=10_000))
+
+    async def main():
+        statement(log, "x" * 50)
+        log.reconfigure(AuditSection(file=str(path), flush_interval_ms=10_000, max_statement_length=10))
+        statement(log, "y" * 50)  # due when the trail closes
+
+    asyncio.run(main())
+    log.close()
+    assert texts(path) == ["x" * 50, "y" * 10 + "…"]
+    assert verify([str(path)]).problems == []
+
+
+def test_before_result_durability_renders_at_once_and_returns_the_seq(tmp_path):
+    path = tmp_path / "audit.jsonl"
+    log = AuditLog(AuditSection(file=str(path), durability="before_result"))
+
+    async def main():
+        return statement(log, "acknowledged")
+
+    seq = asyncio.run(main())  # the loop ends at once: a record left due would wait for close()
+    wait_until(lambda: "acknowledged" in texts(path))
+    log.close()
+    assert seq == 2  # the open seal is 1
+    assert [r["seq"] for r in records(path) if r["event"] == "statement"] == [seq]
