@@ -17,10 +17,10 @@ reload renders what is due first, so the file keeps the order in which things ha
 ``close()`` renders what is left. Rendered one at a time, each record ran between two
 network wake-ups with the interpreter's caches cold, and cost several times what the same
 code costs in a loop (bench.ab: the whole trail was about a quarter of the CPU per
-select-only transaction; rendering in batches cut the CPU per transaction by 2 % simple,
-24 % prepared and 15 % transaction-pooled: the records of prepared statements, with their
-parameters, cost the most). ``durability = "before_result"``
-renders each record at once: its seq is what the relay waits on.
+select-only transaction; rendering in batches cut the CPU per transaction by 2-9 %
+simple, 6-24 % prepared and 8-15 % transaction-pooled in two runs: the records of prepared
+statements, with their parameters, cost the most). ``durability = "before_result"`` renders each record at
+once: its seq is what the relay waits on.
 
 Cost (``scripts/audit-micro --compare``, this project's 2 shared cores, thread CPU per
 ``statement()``, best of 15 rounds): 3.6 µs with a new text each time (simple protocol),
@@ -280,7 +280,7 @@ class AuditLog:
             return self._seq
         with self._lock:
             seq = self._seq = self._seq + 1
-            line = f'{body}{self._link}{seq}, "prev": "{self._prev}"}}'.encode()
+            line = _utf8(f'{body}{self._link}{seq}, "prev": "{self._prev}"}}')
             self._prev = _sha256(line).hexdigest()
             pending.append(line)
         if self._idle:  # after the append (see _go_idle): the writer sleeps until a record comes
@@ -768,8 +768,8 @@ class AuditLog:
             line = render_seal(fields, self.writer_id, seq, self._prev, self._key, self._kid).encode()
             self._seal_seq = seq
         else:
-            line = (json.dumps(fields, ensure_ascii=False, default=str)[:-1]
-                    + f', "writer": "{self.writer_id}", "seq": {seq}, "prev": "{self._prev}"}}').encode()
+            line = _utf8(json.dumps(fields, ensure_ascii=False, default=str)[:-1]
+                         + f', "writer": "{self.writer_id}", "seq": {seq}, "prev": "{self._prev}"}}')
         self._prev = _sha256(line).hexdigest()
         return line
 
@@ -862,6 +862,17 @@ class AuditLog:
             text = value.decode("utf-8", "replace")
         limit = self._cfg.max_parameter_length
         return text if len(text) <= limit else text[:limit] + "…"
+
+
+def _utf8(line: str) -> bytes:
+    """A record's bytes. A lone surrogate has no UTF-8: a token's claim can carry one (JSON's
+    "\\udc00" escape decodes to it), and it reaches the record through json.dumps with
+    ensure_ascii=False. It is written as that same JSON escape, so the line stays valid JSON
+    and UTF-8, and the record is written rather than lost (with the rest of its batch)."""
+    try:
+        return line.encode()
+    except UnicodeEncodeError:
+        return line.encode("utf-8", "backslashreplace")
 
 
 _running_loop = asyncio._get_running_loop  # None off a loop (the C function asyncio itself calls)

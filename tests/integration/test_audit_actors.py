@@ -51,3 +51,29 @@ def test_asyncpg_binary_parameters_are_readable_in_the_trail(make_proxy, issuer)
     record = next(r for r in proxy.audit(lambda r: r.get("statement") == sql and r.get("parameters"))
                   if r.get("statement") == sql and r.get("parameters"))
     assert record["parameters"] == ["42", "héllo", "1234.5600", "2024-01-02 03:04:05.123456", "{1,NULL,3}"]
+
+
+def test_a_lone_surrogate_in_a_tokens_claims_is_written_as_its_json_escape(make_proxy, issuer):
+    """JSON's "\\udc00" escape decodes to a lone surrogate, which has no UTF-8. An agent name
+    that holds one is in every statement record of the session: each is still written, as
+    the same escape, and the chain verifies — not one record lost, nor the others queued with it."""
+    from pgproxy.audit_verify import verify
+    proxy = make_proxy()
+    odd = issuer.mint("alice", ["sales_emea"], azp="bi-\ud800agent", act={"sub": "mcp-\udc00server"})
+    plain = issuer.mint("alice", ["sales_emea"])
+    with psycopg.connect(proxy.dsn("alice"), password=odd) as conn, \
+            psycopg.connect(proxy.dsn("alice"), password=plain) as other:
+        for i in range(3):
+            conn.execute(f"SELECT 'odd agent {i}'").fetchone()
+            other.execute(f"SELECT 'plain person {i}'").fetchone()
+    records = proxy.audit(lambda r: r.get("statement") == "SELECT 'plain person 2'")
+    statements = {r["statement"]: r for r in records if r.get("event") == "statement"}
+    assert {f"SELECT 'odd agent {i}'" for i in range(3)} | {f"SELECT 'plain person {i}'" for i in range(3)} \
+        <= set(statements)
+    assert statements["SELECT 'odd agent 0'"]["actors"] == ["mcp-\udc00server"]
+    assert statements["SELECT 'odd agent 0'"]["client_id"] == "bi-\ud800agent"
+    assert any(r.get("event") == "session_start" and r.get("actors") == ["mcp-\udc00server"] for r in records)
+    raw = proxy.audit_path.read_bytes()
+    raw.decode("utf-8")  # valid UTF-8 throughout
+    assert b"mcp-\\udc00server" in raw
+    assert [p for p in verify([str(proxy.audit_path)]).problems if "closing seal" not in p[2]] == []
