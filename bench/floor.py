@@ -29,7 +29,10 @@ import sys
 import time
 from pathlib import Path
 
-from bench.targets import BENCH_LOGIN, BENCH_PASSWORD, Target
+from bench.__main__ import run_pgbench
+from bench.targets import BENCH_LOGIN, BENCH_PASSWORD, Bench, Target
+from pgproxy.pgcluster import free_port
+from tests.support.proxy import wait_for_port
 
 RESULTS = Path(__file__).resolve().parent / "results"
 PROTOCOLS = ("simple", "prepared")
@@ -99,11 +102,6 @@ def relay(port: int, backend_port: int) -> None:
 # --- the measurement -------------------------------------------------------------------
 
 def measure(rounds: int, seconds: float, protocols: tuple[str, ...], scale: int) -> dict:
-    from bench.__main__ import run_pgbench
-    from bench.targets import Bench
-    from pgproxy.pgcluster import free_port
-    from tests.support.proxy import wait_for_port
-
     bench = Bench(scale).start()
     floor = None
     raw: list[dict] = []

@@ -19,8 +19,8 @@ network wake-ups with the interpreter's caches cold, and cost several times what
 code costs in a loop (bench.ab: the whole trail was about a quarter of the CPU per
 select-only transaction; rendering in batches cut the CPU per transaction by 2-9 %
 simple, 6-24 % prepared and 8-15 % transaction-pooled in two runs: the records of prepared
-statements, with their parameters, cost the most). ``durability = "before_result"`` renders each record at
-once: its seq is what the relay waits on.
+statements, with their parameters, cost the most). ``durability = "before_result"``
+renders each record at once: its seq is what the relay waits on.
 
 Cost (``scripts/audit-micro --compare``, this project's 2 shared cores, thread CPU per
 ``statement()``, best of 15 rounds): 3.6 µs with a new text each time (simple protocol),
@@ -224,8 +224,7 @@ class AuditLog:
 
     def event(self, event: str, **fields) -> int:
         """Queue a record; returns its seq (see ``when_durable``)."""
-        if self._due:  # the statements before it come before it
-            self._render_due()
+        self._render_due()  # the statements before it come before it
         return self._put(json.dumps({"ts": _iso(time.time()), **fields, "event": event}, ensure_ascii=False,
                                     default=str)[:-1])
 
@@ -253,12 +252,13 @@ class AuditLog:
                     self._due_loop = loop
                     loop.call_later(self._render_delay, self._render_due)
                 return 0
-        if self._due:
-            self._render_due()
+        self._render_due()
         return self._put(self._rendered(record))
 
     def _render_due(self) -> None:
         """Render, chain and queue the statement records due, in the order they came."""
+        if not self._due:
+            return
         due, self._due = self._due, []
         rendered, put = self._rendered, self._put
         for record in due:
@@ -349,8 +349,7 @@ class AuditLog:
 
     def reconfigure(self, cfg: AuditSection) -> None:
         """A reloaded [audit] section: rendering options at once, the rest at the writer's next batch."""
-        if self._due:  # records of statements that ran before it: rendered as configured then
-            self._render_due()
+        self._render_due()  # records of statements that ran before it: rendered as configured then
         self._cfg = cfg
         self._render_delay = cfg.flush_interval_ms / 2000
         self._texts = {}  # rendered with the old max_statement_length
@@ -373,8 +372,7 @@ class AuditLog:
     def close(self, timeout: float = CLOSE_TIMEOUT_S) -> None:
         """Write everything queued and this writer's closing seal; keeps retrying a failing
         file for ``timeout`` seconds, then gives up (and says how much was lost)."""
-        if self._due:
-            self._render_due()
+        self._render_due()
         self._stop_deadline = time.monotonic() + timeout
         self._stopping = True
         self._control.set()
