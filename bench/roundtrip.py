@@ -96,7 +96,6 @@ class _Session:
     """The parts of ClientSession a logged-in round trip reads; its methods are ClientSession's."""
 
     _relay_client = ClientSession._relay_client
-    audit_statement = ClientSession.audit_statement
 
     def __init__(self, server: _Server, mode: str) -> None:
         self.server = server

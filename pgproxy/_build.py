@@ -108,7 +108,8 @@ def check_declarations(name: str, source: bytes, pxd: bytes) -> None:
             current = declared.setdefault(match[1], set())
         elif line and not line[0].isspace():
             current = None
-        elif current is not None and (match := re.match(r"\s+cdef\s+(?:public\s+|readonly\s+)?\w+\s+(.+)", line)):
+        elif current is not None and "(" not in line.split("#")[0] and (  # (a method declaration is no attribute)
+                match := re.match(r"\s+cdef\s+(?:public\s+|readonly\s+)?\w+\s+(.+)", line)):
             current.update(part.strip() for part in match[1].split("#")[0].split(","))
     for node in ast.walk(ast.parse(source)):
         if isinstance(node, ast.ClassDef) and node.name in declared:
@@ -264,6 +265,18 @@ results = {
     "messages.parse_parse": per_call(lambda: msg.parse_parse(parse_body)),
     "messages.parse_command_tag": per_call(lambda: msg.parse_command_tag(b"SELECT 1\0")),
 }
+try:  # the audit record of pgbench -S: simple (a new text each time) and prepared (one parameter)
+    from pgproxy.audit_render import StatementRenderer
+    renderer = StatementRenderer(4096, 1024, "full")
+    prefix = '"session": "0123456789abcdef", "user": "alice", "role": "analyst", "auth_method": "jwt"'
+    simple_record = (1765000000.123456, prefix, "SELECT abalance FROM pgbench_accounts WHERE aid = 12345;", None,
+                     None, [b"SELECT 1"], 0.000123, "ok", None, 4242, None)
+    prepared_record = (1765000000.123456, prefix, "SELECT abalance FROM pgbench_accounts WHERE aid = $1",
+                       [b"12345"], ([0], (23,)), [b"SELECT 1"], 0.000123, "ok", None, 4242, None)
+    results["StatementRenderer.render, simple"] = per_call(lambda: renderer.render(simple_record))
+    results["StatementRenderer.render, prepared, one parameter"] = per_call(lambda: renderer.render(prepared_record))
+except ImportError:  # a tree from before the renderer
+    pass
 json.dump(results, sys.stdout)
 '''
 

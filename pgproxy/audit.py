@@ -90,15 +90,18 @@ import stat
 import threading
 import time
 from collections import deque
-from datetime import datetime, timezone
 from typing import Callable, Protocol
 
 from pgproxy import __version__, logs
 from pgproxy.audit_chain import ZERO_HASH, key_id, load_or_create_key, public_key_text, publish_public_key, \
     render_seal
 from pgproxy.config import AuditSection
-from pgproxy.protocol.binary_values import decode_binary  # also pgproxy.audit.decode_binary
-from pgproxy.protocol.messages import parse_command_tag
+from pgproxy.audit_render import CACHE_ENTRIES as _CACHE_ENTRIES  # noqa: F401 (the tests read them here)
+from pgproxy.audit_render import CACHE_TEXT_LENGTH as _CACHE_TEXT_LENGTH  # noqa: F401
+from pgproxy.audit_render import StatementRenderer
+from pgproxy.audit_render import iso as _iso
+from pgproxy.audit_render import ms as _ms  # noqa: F401
+from pgproxy.protocol.binary_values import decode_binary  # noqa: F401 (also pgproxy.audit.decode_binary)
 
 log = logging.getLogger("pgproxy.audit")
 
@@ -107,8 +110,6 @@ _BACKOFF_S = (0.01, 1.0)  # first retry after a failed write, doubling up to the
 _FOLLOW_CHECK_S = 1.0    # built-in rotation: how often to look whether another worker rotated
 _IDLE_WAKE_S = 1.0       # an idle writer still looks this often (rotation, interval checkpoints)
 CLOSE_TIMEOUT_S = 10.0   # close(): how long to keep retrying a failing file before giving up
-_CACHE_ENTRIES = 1024    # statement texts and command tags rendered once (each cache; cleared when full)
-_CACHE_TEXT_LENGTH = 2048  # longer texts are escaped each time (bounds the text cache to a few MB)
 try:  # OpenSSL's, without hashlib's dispatch: 0.2 µs less for each record's link
     from _hashlib import openssl_sha256 as _sha256
 except ImportError:
@@ -177,8 +178,7 @@ class AuditLog:
         self._due: list[tuple] = []
         self._due_loop: asyncio.AbstractEventLoop | None = None  # where their render is scheduled
         self._render_delay = cfg.flush_interval_ms / 2000
-        self._texts: dict[str, str] = {}    # prepared statement text -> its JSON string (loop)
-        self._tags: dict[bytes, str] = {}   # CommandComplete body -> '"command": ..., "rows": ...' (loop)
+        self._renderer = _renderer(cfg)  # statement records' JSON (loop; pgproxy/audit_render.py)
         self._path = cfg.file
         self._fd = _open_trail(cfg.file)
         if cfg.on_failure == "continue" and self.worker == 0:
@@ -253,36 +253,49 @@ class AuditLog:
                     loop.call_later(self._render_delay, self._render_due)
                 return 0
         self._render_due()
-        return self._put(self._rendered(record))
+        return self._put_all(self._rendered((record,)))
 
     def _render_due(self) -> None:
         """Render, chain and queue the statement records due, in the order they came."""
         if not self._due:
             return
         due, self._due = self._due, []
-        rendered, put = self._rendered, self._put
-        for record in due:
-            put(rendered(record))
+        self._put_all(self._rendered(due))
 
-    def _rendered(self, record: tuple) -> str:
-        try:
-            return self._render_statement(*record)
-        except Exception:  # never lose the fact that a statement ran
-            log.exception("cannot render an audit record")
-            return json.dumps({"ts": _iso(record[0]), "event": "statement", "statement": record[2],
-                               "outcome": record[7], "render_error": True}, ensure_ascii=False)[:-1]
+    def _rendered(self, records) -> list[str]:
+        render, bodies = self._renderer.render, []
+        for record in records:
+            try:
+                bodies.append(render(record))
+            except Exception:  # never lose the fact that a statement ran
+                log.exception("cannot render an audit record")
+                bodies.append(json.dumps({"ts": _iso(record[0]), "event": "statement", "statement": record[2],
+                                          "outcome": record[7], "render_error": True}, ensure_ascii=False)[:-1])
+        return bodies
 
     def _put(self, body: str) -> int:
-        """Chain and queue a record: ``body`` is its JSON object without the closing brace.
-        The queue holds the line's UTF-8, as hashed (the writer joins bytes: no encode there)."""
-        pending = self._pending
-        if len(pending) > self._cfg.queue_size and self._overflow():
-            return self._seq
+        """Chain and queue a record: ``body`` is its JSON object without the closing brace."""
+        return self._put_all((body,))
+
+    def _put_all(self, bodies) -> int:
+        """Chain and queue records (``_put``), under one taking of the lock; returns the last
+        seq. The queue holds each line's UTF-8, as hashed (the writer joins bytes: no encode there)."""
+        pending, limit = self._pending, self._cfg.queue_size
+        if len(pending) + len(bodies) > limit:  # past queue_size on the way: one by one, as _overflow decides
+            kept: list[str] = []
+            for body in bodies:
+                if not (len(pending) + len(kept) > limit and self._overflow()):
+                    kept.append(body)
+            bodies = kept
+        link, sha256 = self._link, _sha256
         with self._lock:
-            seq = self._seq = self._seq + 1
-            line = _utf8(f'{body}{self._link}{seq}, "prev": "{self._prev}"}}')
-            self._prev = _sha256(line).hexdigest()
-            pending.append(line)
+            seq, prev = self._seq, self._prev
+            for body in bodies:
+                seq += 1
+                line = _utf8(f'{body}{link}{seq}, "prev": "{prev}"}}')
+                prev = sha256(line).hexdigest()
+                pending.append(line)
+            self._seq, self._prev = seq, prev
         if self._idle:  # after the append (see _go_idle): the writer sleeps until a record comes
             self._idle = False
             self._wake.set()
@@ -352,7 +365,7 @@ class AuditLog:
         self._render_due()  # records of statements that ran before it: rendered as configured then
         self._cfg = cfg
         self._render_delay = cfg.flush_interval_ms / 2000
-        self._texts = {}  # rendered with the old max_statement_length
+        self._renderer = _renderer(cfg)  # (its caches hold texts cut to the old max_statement_length)
         self.before_result = cfg.durability == "before_result"
         self._new_cfg = cfg
         self._control.set()
@@ -785,82 +798,6 @@ class AuditLog:
         except OSError as exc:  # verify can still take the key from --public-key or the trail
             log.error("cannot publish the audit signing key", extra={"file": path + ".pub", "reason": exc.strerror})
 
-    def _render_statement(self, started: float, prefix: str, text: str, params, param_info, raw_tags,
-                          duration_s: float, outcome: str, sqlstate: str | None, pid: int | None,
-                          verdict=None) -> str:
-        """The record's JSON without its closing brace (``_put`` adds the chain members).
-
-        Statements are most of the trail, so no json.dumps here: the line is one f-string of
-        C-escaped pieces, and what a session repeats is escaped once — its members
-        (``session_prefix``), a prepared statement's text, the command tag. The bytes are
-        exactly json.dumps' (tests/unit/test_audit_render.py compares them)."""
-        if params is not None:  # the extended protocol: a prepared text, again and again
-            statement = self._texts.get(text) or self._cache_text(text)
-        else:  # the simple protocol's literals differ every time: a cache would only miss
-            statement = self._text_json(text)
-        commands = ""
-        if len(raw_tags) == 1:
-            raw = raw_tags[0]
-            command = (self._tags.get(raw) if type(raw) is bytes else None) or self._cache_tag(raw)
-        else:  # none (it failed, or was cut short), or a multi-statement query
-            command, commands = _commands(raw_tags)
-        if sqlstate:
-            commands += f', "sqlstate": {_json_str(sqlstate)}'
-        if verdict is not None:
-            commands += _verdict_members(verdict)
-        if params is not None and self._cfg.parameters != "off":
-            commands += ', "parameters": ' + self._params_json(params, param_info)
-        return (f'{{"ts": "{_iso(started)}", "event": "statement", {prefix}, '
-                f'"backend_pid": {"null" if pid is None else pid}, "statement": {statement}, {command}, '
-                f'"duration_ms": {_ms(duration_s)}, "outcome": "{outcome}"{commands}')
-
-    def _text_json(self, text: str) -> str:
-        limit = self._cfg.max_statement_length
-        return _json_str(text if len(text) <= limit else text[:limit] + "…")
-
-    def _cache_text(self, text: str) -> str:
-        rendered = self._text_json(text)
-        if len(text) <= _CACHE_TEXT_LENGTH:
-            if len(self._texts) >= _CACHE_ENTRIES:
-                self._texts.clear()
-            self._texts[text] = rendered
-        return rendered
-
-    def _cache_tag(self, raw: bytes) -> str:
-        tag, count = parse_command_tag(raw)
-        rendered = f'"command": {_json_str(tag)}, "rows": {"null" if count is None else count}'
-        if type(raw) is bytes and len(raw) <= 64:  # (a bytearray cannot be a key)
-            if len(self._tags) >= _CACHE_ENTRIES:
-                self._tags.clear()
-            self._tags[raw] = rendered
-        return rendered
-
-    def _params_json(self, params: list, param_info: tuple | None) -> str:
-        """json.dumps(ensure_ascii=False) of the rendered values, from C-escaped strings."""
-        render = self._render_param
-        if len(params) == 1:
-            value = params[0]
-            return "[null]" if value is None else f"[{_json_str(render(0, value, param_info))}]"
-        return "[" + ", ".join(["null" if value is None else _json_str(render(i, value, param_info))
-                                for i, value in enumerate(params)]) + "]"
-
-    def _render_param(self, index: int, value: bytes | None, formats_and_types: tuple | None):
-        if value is None:
-            return None
-        if self._cfg.parameters == "redacted":
-            return "<redacted>"
-        formats, types = formats_and_types or ((), ())
-        fmt = formats[0] if len(formats) == 1 else (formats[index] if index < len(formats) else 0)
-        if fmt == 1:
-            oid = types[index] if index < len(types) else 0
-            text = decode_binary(oid, value)
-            if text is None:
-                return f"<binary {len(value)} bytes>"
-        else:
-            text = value.decode("utf-8", "replace")
-        limit = self._cfg.max_parameter_length
-        return text if len(text) <= limit else text[:limit] + "…"
-
 
 def _utf8(line: str) -> bytes:
     """A record's bytes. A lone surrogate has no UTF-8: a token's claim can carry one (JSON's
@@ -924,52 +861,5 @@ def _rotated_name(path: str) -> str:
     return name
 
 
-_json_str = json.encoder.py_encode_basestring if json.encoder.c_encode_basestring is None \
-    else json.encoder.c_encode_basestring
-_second_cache: list = [None, ""]
-_verdict_cache: dict = {}
-
-
-def _verdict_members(verdict) -> str:
-    """', "classes": [...], "relations": [...]' for a guard verdict, rendered once per verdict."""
-    members = _verdict_cache.get(verdict)
-    if members is None:
-        members = (f', "classes": {json.dumps(list(verdict.classes))}, '
-                   f'"relations": {json.dumps(list(verdict.relations), ensure_ascii=False)}')
-        if len(_verdict_cache) > 10_000:
-            _verdict_cache.clear()
-        _verdict_cache[verdict] = members
-    return members
-
-
-def _iso(ts: float) -> str:
-    """UTC ISO-8601 with microseconds; the part up to the second is formatted once a second."""
-    second = int(ts)
-    if _second_cache[0] != second:
-        _second_cache[0] = second
-        _second_cache[1] = datetime.fromtimestamp(second, timezone.utc).strftime("%Y-%m-%dT%H:%M:%S")
-    return "%s.%06d+00:00" % (_second_cache[1], (ts - second) * 1_000_000)  # %d truncates, as int() did
-
-
-def _ms(seconds: float) -> str:
-    """``repr(round(seconds * 1000, 3))`` (what json.dumps writes), without float repr's cost.
-
-    Below 1e9 ms the value has at most 12 significant digits, so the shortest repr of the
-    rounded float is the correctly rounded decimal "%.3f" gives, less trailing zeros."""
-    ms = seconds * 1000
-    if not 0.0 <= ms < 1e9:  # negative, huge, nan: as before
-        return repr(round(ms, 3))
-    text = ("%.3f" % ms).rstrip("0")
-    return text + "0" if text[-1] == "." else text
-
-
-def _commands(raw_tags: list[bytes]) -> tuple[str, str]:
-    """The command and rows members for no tag or several, and the commands member after the outcome."""
-    tags, rows = [], None
-    for raw in raw_tags:
-        tag, count = parse_command_tag(raw)
-        tags.append(tag)
-        if count is not None:
-            rows = (rows or 0) + count
-    command = f'"command": {_json_str(tags[-1]) if tags else "null"}, "rows": {"null" if rows is None else rows}'
-    return command, f', "commands": {json.dumps(tags, ensure_ascii=False)}' if len(tags) > 1 else ""
+def _renderer(cfg: AuditSection) -> StatementRenderer:
+    return StatementRenderer(cfg.max_statement_length, cfg.max_parameter_length, cfg.parameters)

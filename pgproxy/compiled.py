@@ -35,6 +35,7 @@ COMPILED_MODULES = (
     "pgproxy.frontend.engine",
     "pgproxy.frontend.relay",
     "pgproxy.backend.identity",
+    "pgproxy.audit_render",
 )
 
 # Part of every build key: bump when pgproxy._build changes how it compiles, so builds

@@ -5,4 +5,4 @@
 # Keep in step with relay.py: exactly Relay's __slots__ (the build checks that).
 
 cdef class Relay:
-    cdef public object session, pool, engine, audit, acquiring, durable_due, held, client_paused, _running
+    cdef public object session, pool, engine, audit, metrics, acquiring, durable_due, held, client_paused, _running

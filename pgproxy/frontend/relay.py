@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from time import perf_counter
 
 from pgproxy.errors import PgProxyError, ProxyFailure
 from pgproxy.frontend.engine import (ACQUIRE, AUDIT, AUDIT_LOCAL, CLOSE_CLIENT, CLOSE_CONNECTION, COUNT, DENIED,
@@ -27,14 +28,15 @@ log = logging.getLogger("pgproxy.session")
 
 
 class Relay:
-    __slots__ = ("session", "pool", "engine", "audit", "acquiring", "durable_due", "held", "client_paused",
-                 "_running")
+    __slots__ = ("session", "pool", "engine", "audit", "metrics", "acquiring", "durable_due", "held",
+                 "client_paused", "_running")
 
     def __init__(self, session, pool, engine: Engine) -> None:
         self.session = session
         self.pool = pool
         self.engine = engine
         self.audit = session.server.audit
+        self.metrics = session.server.metrics
         self.acquiring: asyncio.Task | None = None
         # audit.durability = "before_result": the seq of the last statement record, and the
         # replies held for the client until that record is on disk.
@@ -97,9 +99,7 @@ class Relay:
                 elif code == TO_CLIENT:
                     self._deliver(action[1])
                 elif code == AUDIT:
-                    seq = session.audit_statement(action[1], action[2], action[3])
-                    if self.audit.before_result:
-                        self.durable_due = seq  # its result reaches the client once this is on disk
+                    self._audit(action[1], action[2], action[3])
                 elif code == RELEASE:
                     self.pool.give_back(action[1])
                 elif code == ACQUIRE:
@@ -128,6 +128,17 @@ class Relay:
         finally:
             actions.clear()
             self._running = False
+
+    def _audit(self, statement, outcome: str, backend_pid) -> None:
+        """A statement's record (and its count and duration in the metrics)."""
+        seconds = perf_counter() - statement.t0
+        text, verdict = statement.text, statement.verdict
+        seq = self.audit.statement(self.session.audit_prefix, text, statement.params, statement.formats,
+                                   statement.tags, statement.started, seconds, outcome, statement.sqlstate,
+                                   backend_pid, verdict)
+        self.metrics.statement(text, seconds, outcome, verdict)
+        if self.audit.before_result:
+            self.durable_due = seq  # its result reaches the client once this is on disk
 
     def _take(self, key) -> None:
         backend = self.pool.try_take(key)  # the common case: an idle connection, at once

@@ -44,7 +44,7 @@ from pgproxy.errors import (PgProxyError, ProxyFailure, insecure_transport, no_u
                             protocol_violation, proxy_protocol_refused, too_many_clients, unsupported)
 from pgproxy.frontend.startup import client_settings, session_settings, text_array
 from pgproxy.control_plane import instance_name
-from pgproxy.frontend.engine import POOL_MODES, Engine, Statement
+from pgproxy.frontend.engine import POOL_MODES, Engine
 from pgproxy.frontend.relay import Relay
 from pgproxy.protocol import messages as msg
 from pgproxy.protocol.framing import MessageReader, read_startup_packet
@@ -740,14 +740,6 @@ class ClientSession(asyncio.Protocol):
         self._end_cause = cause
         self.server.metrics.count("pgproxy_sessions_ended", cause)
         self._fail(exc)
-
-    def audit_statement(self, st: Statement, outcome: str, backend_pid: int | None) -> int:
-        """The statement's record; returns its seq (durability: see Relay)."""
-        seconds = time.perf_counter() - st.t0
-        seq = self.server.audit.statement(self.audit_prefix, st.text, st.params, st.formats, st.tags, st.started,
-                                          seconds, outcome, st.sqlstate, backend_pid, st.verdict)
-        self.server.metrics.statement(st.text, seconds, outcome, st.verdict)
-        return seq
 
     def close_client(self, reason: str) -> None:
         """End the session without an error message (its server connection was lost)."""

@@ -166,6 +166,6 @@ def test_the_caches_of_texts_and_tags_stay_bounded(tmp_path):
     log.statement(prefix, "SELECT " + "x" * (_CACHE_TEXT_LENGTH + 1), [], None, [b"SELECT 1"], 1.0, 0.001, "ok",
                   None, 1)
     log.close()
-    assert 0 < len(log._texts) <= _CACHE_ENTRIES and 0 < len(log._tags) <= _CACHE_ENTRIES
-    assert not any(len(text) > _CACHE_TEXT_LENGTH for text in log._texts)
+    assert 0 < len(log._renderer._texts) <= _CACHE_ENTRIES and 0 < len(log._renderer._tags) <= _CACHE_ENTRIES
+    assert not any(len(text) > _CACHE_TEXT_LENGTH for text in log._renderer._texts)
     assert verify([str(tmp_path / "a.jsonl")]).problems == []
