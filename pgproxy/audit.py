@@ -177,6 +177,7 @@ class AuditLog:
         # Statement records waiting to be rendered (loop; see statement()): their fields, in order.
         self._due: list[tuple] = []
         self._due_loop: asyncio.AbstractEventLoop | None = None  # where their render is scheduled
+        self._due_thread = 0  # the thread that loop runs in
         self._render_delay = cfg.flush_interval_ms / 2000
         self._renderer = _renderer(cfg)  # statement records' JSON (loop; pgproxy/audit_render.py)
         self._path = cfg.file
@@ -244,12 +245,18 @@ class AuditLog:
         record = (started, session_prefix, text, params, param_info, tags, duration_s, outcome, sqlstate,
                   backend_pid, verdict)
         if not self.before_result:
+            due = self._due
+            if due and _thread_id() == self._due_thread and not self._due_loop.is_closed():
+                # Their render is scheduled on this thread's loop, which is still there. Asked
+                # before the running loop, which costs a system call (getpid: CPython 3.11
+                # checks for a fork): once a batch instead of once a statement.
+                due.append(record)
+                return 0
             loop = _running_loop()
             if loop is not None:
-                due = self._due
                 due.append(record)
                 if len(due) == 1 or loop is not self._due_loop:  # (a loop that ended never ran its render)
-                    self._due_loop = loop
+                    self._due_loop, self._due_thread = loop, _thread_id()
                     loop.call_later(self._render_delay, self._render_due)
                 return 0
         self._render_due()
@@ -811,6 +818,7 @@ def _utf8(line: str) -> bytes:
 
 
 _running_loop = asyncio._get_running_loop  # None off a loop (the C function asyncio itself calls)
+_thread_id = threading.get_ident
 
 
 def _ephemeral_key():

@@ -313,8 +313,10 @@ class BackendConnection(asyncio.Protocol):
         """Hand the byte stream to a client session; returns what was already read, for it:
         the whole messages queued and the start of one not yet complete (its rest comes to
         the session), so the session's framing starts on a message boundary."""
-        leftover = b"".join(raw for _, raw in self._inbox)
-        self._inbox = ()
+        leftover = b""
+        if self._inbox:  # (a pooled connection's usual case under transaction pooling: nothing)
+            leftover = b"".join(raw for _, raw in self._inbox)
+            self._inbox = ()
         if self._reader is not None:
             leftover += self._reader.take_rest()
             self._reader = None

@@ -47,7 +47,7 @@ from pgproxy.control_plane import instance_name
 from pgproxy.frontend.engine import POOL_MODES, Engine
 from pgproxy.frontend.relay import Relay
 from pgproxy.protocol import messages as msg
-from pgproxy.protocol.framing import MessageReader, read_startup_packet
+from pgproxy.protocol.framing import MessageReader, first_outside, read_startup_packet
 from pgproxy.protocol.proxy_header import ProxyHeaderError, from_trusted_proxy, parse_proxy_header
 from pgproxy.policy.access import Context, access_refused, token_expired
 from pgproxy.roles import admit_role
@@ -55,7 +55,7 @@ from pgproxy.tls import certificate_common_name, feed_protocol, plaintext_allowe
 
 log = logging.getLogger("pgproxy.session")
 
-_CLIENT_TYPES = frozenset(b"QPBESHCDXFdcfp")
+_RELAYED_TYPES = frozenset(b"QPBESHCDFdcfp")  # what a logged-in client may send, less Terminate (X)
 _X = ord("X")
 # Before authentication the only message is one PasswordMessage: a token (at most 16 KiB,
 # auth/jwt.py) or a password. Bounding it here keeps an unauthenticated client from
@@ -624,15 +624,16 @@ class ClientSession(asyncio.Protocol):
         frames = self._reader.feed(data)
         if not frames:
             return
-        for i, (kind, _) in enumerate(frames):
-            if kind == _X or kind not in _CLIENT_TYPES:
-                if i:
-                    self.relay.client_frames(frames[:i])
-                if kind == _X:
-                    self._close("client sent Terminate")
-                    return
-                raise protocol_violation(f"unknown message type {bytes([kind])!r}")
-        self.relay.client_frames(frames)
+        i = first_outside(frames, _RELAYED_TYPES)
+        if i < 0:
+            self.relay.client_frames(frames)
+            return
+        if i:
+            self.relay.client_frames(frames[:i])
+        if frames[i][0] == _X:
+            self._close("client sent Terminate")
+            return
+        raise protocol_violation(f"unknown message type {bytes([frames[i][0]])!r}")
 
     # Services for the relay
 

@@ -13,6 +13,9 @@
 
 cimport cython
 
+@cython.locals(i=Py_ssize_t)
+cpdef Py_ssize_t first_outside(list frames, frozenset kinds)
+
 cdef class MessageReader:
     cdef object _buf  # b"" or, while it holds part of a message, a bytearray
     cdef Py_ssize_t _max

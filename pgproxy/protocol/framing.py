@@ -96,6 +96,15 @@ class MessageReader:
         return rest
 
 
+def first_outside(frames: list[tuple[int, bytes]], kinds: frozenset) -> int:
+    """The index of the first message whose type is not in ``kinds``; -1 if there is none.
+    (A session checks every batch of client messages so: compiled, a C loop.)"""
+    for i in range(len(frames)):
+        if frames[i][0] not in kinds:
+            return i
+    return -1
+
+
 _WANTED_SETS: dict[bytes, frozenset] = {}
 
 
