@@ -490,3 +490,25 @@ def test_before_result_durability_renders_at_once_and_returns_the_seq(tmp_path):
     log.close()
     assert seq == 2  # the open seal is 1
     assert [r["seq"] for r in records(path) if r["event"] == "statement"] == [seq]
+
+
+def test_a_batch_of_records_asks_for_the_running_loop_once(tmp_path, monkeypatch):
+    # CPython 3.11's asyncio._get_running_loop() makes a getpid() system call: asked once
+    # per statement it was one system call per transaction.
+    import pgproxy.audit as audit_module
+    asked = []
+    real = audit_module._running_loop
+    monkeypatch.setattr(audit_module, "_running_loop", lambda: asked.append(1) or real())
+    path = tmp_path / "audit.jsonl"
+    log = AuditLog(AuditSection(file=str(path), flush_interval_ms=20))
+
+    async def main():
+        for i in range(50):
+            statement(log, f"first batch {i}")
+        await asyncio.to_thread(wait_until, lambda: len(texts(path)) == 50, 5.0)
+        statement(log, "second batch")  # the first batch was rendered: asked again
+
+    asyncio.run(main())
+    log.close()
+    assert len(asked) == 2
+    assert texts(path) == [f"first batch {i}" for i in range(50)] + ["second batch"]

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from pgproxy.errors import ClientError
 from pgproxy.protocol import messages as msg
-from pgproxy.protocol.framing import MessageReader, ServerStreamScanner, read_startup_packet
+from pgproxy.protocol.framing import MessageReader, ServerStreamScanner, first_outside, read_startup_packet
 
 
 def _server_stream() -> tuple[bytes, list[tuple[int, bytes]]]:
@@ -133,3 +133,12 @@ def test_message_reader_returns_every_message_whole_however_the_stream_is_cut(bo
         got += reader.feed(stream[start:stop])
         assert reader.buffered == stop - sum(len(raw) for _, raw in got)
     assert got == [(ord("d"), m) for m in messages] and reader.buffered == 0
+
+
+def test_first_outside_names_the_first_message_of_another_type():
+    relayed = frozenset(b"QPBES")
+    frames = MessageReader(1 << 20).feed(msg.bind_message("", "s", [b"1"]) + msg.execute_message() + msg.SYNC)
+    assert first_outside(frames, relayed) == -1
+    assert first_outside(frames + [(ord("X"), b"X\0\0\0\4")], relayed) == 3
+    assert first_outside([(ord("X"), b"X\0\0\0\4")] + frames, relayed) == 0
+    assert first_outside([], relayed) == -1
