@@ -28,7 +28,8 @@ Cost (``scripts/audit-micro --compare``, this project's 2 shared cores, thread C
 encode (about 1 µs) included — the unchained trail before it (7f34696) took 3.1 and
 5.7–6.0 µs, its first chained version 4.9 and 7.4–7.8 µs.
 What a session repeats is rendered once (its members, a prepared text, a command tag),
-the rest is one f-string of C-escaped pieces, never json.dumps. The writer costs about
+the rest is one f-string of C-escaped pieces, never json.dumps: pgproxy/audit_render.py,
+compiled with the hot path (since then 0.5-0.8 µs a record rendered, in a loop). The writer costs about
 1 µs of CPU per record, mostly the write() itself; a round writes once (what is queued
 during the write waits for the next round: each write hands the GIL to the loop and
 taking it back costs the loop a switch), and a checkpoint due goes into the same write.
