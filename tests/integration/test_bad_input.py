@@ -83,6 +83,26 @@ def test_unknown_message_type_after_login(small_proxy, bystander, issuer):
     _expect_fatal(wire)
 
 
+def test_messages_pipelined_before_an_unknown_type_run_and_are_audited_then_08p01(small_proxy, bystander, issuer):
+    # One write: a query, then a message type no client may send. What came before it is
+    # relayed as PostgreSQL would have read it (and audited under the real person); the
+    # unknown type ends the session; it never reaches the server.
+    wire, _ = login(small_proxy.port, "alice", issuer.mint("alice", ["sales_emea"]))
+    wire.send(msg.query("SELECT 'before the junk'") + msg.message(b"z", b"junk"))
+    while True:
+        reply = wire.read_message()
+        assert reply is not None
+        if reply[0] == "E":
+            break
+        assert reply[0] in "TDCZ", reply  # the query's own answer, if it got out before the close
+    fields = error_fields(reply[1])
+    assert (fields["C"], fields["S"]) == ("08P01", "FATAL")
+    assert wire.closed_by_server()
+    records = small_proxy.audit(wait_for=lambda r: r.get("statement") == "SELECT 'before the junk'")
+    [ran] = [r for r in records if r.get("statement") == "SELECT 'before the junk'"]
+    assert ran["user"] == "alice"
+
+
 def test_truncated_bind_is_refused_before_reaching_the_server(small_proxy, bystander, issuer):
     wire, _ = login(small_proxy.port, "alice", issuer.mint("alice", ["sales_emea"]))
     wire.send(msg.message(b"B", b"\0\0\x00\x05"))  # claims 5 format codes, has none
