@@ -97,12 +97,8 @@ from pgproxy import __version__, logs
 from pgproxy.audit_chain import ZERO_HASH, key_id, load_or_create_key, public_key_text, publish_public_key, \
     render_seal
 from pgproxy.config import AuditSection
-from pgproxy.audit_render import CACHE_ENTRIES as _CACHE_ENTRIES  # noqa: F401 (the tests read them here)
-from pgproxy.audit_render import CACHE_TEXT_LENGTH as _CACHE_TEXT_LENGTH  # noqa: F401
 from pgproxy.audit_render import StatementRenderer
 from pgproxy.audit_render import iso as _iso
-from pgproxy.audit_render import ms as _ms  # noqa: F401
-from pgproxy.protocol.binary_values import decode_binary  # noqa: F401 (also pgproxy.audit.decode_binary)
 
 log = logging.getLogger("pgproxy.audit")
 

@@ -8,7 +8,11 @@ from datetime import datetime, timezone
 
 import pytest
 
-from pgproxy.audit import _CACHE_ENTRIES, _CACHE_TEXT_LENGTH, AuditLog, _ms, decode_binary
+from pgproxy.audit import AuditLog
+from pgproxy.audit_render import CACHE_ENTRIES as _CACHE_ENTRIES
+from pgproxy.audit_render import CACHE_TEXT_LENGTH as _CACHE_TEXT_LENGTH
+from pgproxy.audit_render import ms as _ms
+from pgproxy.protocol.binary_values import decode_binary
 from pgproxy.audit_verify import verify
 from pgproxy.config import AuditSection
 from pgproxy.policy.guard import Verdict
