@@ -67,6 +67,9 @@ The rules:
   names (ConnectionIdentity's LRU); a Parse the connection has is answered locally; Bind
   or Describe on a connection without the statement gets a Parse injected first; Close of
   a statement is answered locally; the unnamed statement is re-sent where the client lands.
+  DEALLOCATE is answered locally too, in the transaction state PostgreSQL would answer it
+  in: behind replies still due it waits for them (with what follows it), and in a failed
+  block it is refused (25P02) and deallocates nothing.
 * **Session state.** A statement that outlives its transaction (policy/session_state.py)
   pins the client to its connection under transaction pooling (or is refused, 0A000, with
   ``backend.session_state = "refuse"``). Ordinary SETs follow the client instead: taken
@@ -433,7 +436,10 @@ class Engine:
                 if not trail.available:
                     self._audit_unavailable(QUERY, out)
                     continue
-                self._query(raw, out)
+                if self._query(raw, out):  # answered by the proxy once the replies before it are in
+                    self.waiting = frames[i:]
+                    self.actions.append(_PAUSE)
+                    break
             elif kind == _P:
                 self.sync_owed = True
                 self._parse(raw, out)
@@ -539,28 +545,39 @@ class Engine:
         self.actions.append((DENIED, text, effects.refusal or "reset inside a multi-statement query"))
         return True
 
-    def _query(self, raw: bytes, out: list[bytes]) -> None:
+    def _query(self, raw: bytes, out: list[bytes]) -> bool:
+        """True: not taken yet, it waits (with what follows it) for the replies before it."""
         text = raw[5:-1].decode("utf-8", "replace")
         verdict, allowed = self._verdict(text, QUERY, out)
         if not allowed:
-            return
+            return False
         effects = session_effects(text)
         if effects is not NOTHING and self._refused_effects(effects, QUERY, text, out):
-            return
-        if effects.local in _DEALLOCATES and self.mode.renames and self.txn_status == b"E" and not self.pipeline:
-            # The names are the proxy's to answer for, but PostgreSQL would refuse this in an
-            # aborted transaction (known to be one: nothing in flight could have ended it): so
-            # does the proxy, and nothing is deallocated.
-            self._answer_error("current transaction is aborted, commands ignored until end of transaction block",
-                               "25P02", QUERY, out)
-            return
+            return False
+        if effects.local in _DEALLOCATES and self.mode.renames:
+            # The names are the proxy's to answer for, in the state PostgreSQL would answer
+            # in: the one the replies before it leave (a pipelined BEGIN makes it T, a failure
+            # in a block E; a failed unsynced batch has the server skip it, and so does the
+            # proxy: _skip_to_sync). So it waits for them — with a Flush behind an unsynced
+            # batch, whose replies the server would otherwise keep until a Sync. Not while a
+            # switch is unconfirmed: its Sync goes out after this first message.
+            if self.state == ACTIVE and self.pipeline.awaits_server():
+                if self.sync_owed:
+                    out.append(msg.FLUSH)
+                return True
+            if self.txn_status == b"E" and not self.pipeline.awaits_server():
+                # PostgreSQL refuses it in an aborted transaction: so does the proxy, and
+                # nothing is deallocated.
+                self._answer_error("current transaction is aborted, commands ignored until end of transaction "
+                                   "block", "25P02", QUERY, out)
+                return False
         if effects.local and self._answer_locally(effects):
-            return
+            return False
         if effects.pin and self.mode.pins and not self._pin(effects.pin, QUERY, out):
-            return
+            return False
         statement = Statement(text, verdict=verdict)
         if effects.settings and not self._carry(effects, statement, QUERY, out):
-            return
+            return False
         self.backend.identity.drop_unnamed()  # a simple query replaces the unnamed statement
         if effects.reset and self.txn_status != b"E":
             # The reset and the re-apply as one extended batch, answered as a simple query.
@@ -573,11 +590,12 @@ class Engine:
             self.backend.identity.synced()
             self.pipeline.expect(Expected(SYNC, own=True))  # its ReadyForQuery answers the client's Query
             self.state = HELD  # nothing guards what follows: it waits for the re-apply's answer
-            return
+            return False
         out.append(raw)
         self.pipeline.expect(Expected(QUERY, statement=statement))
         if effects.deallocates:
             self.backend.identity.deallocated()
+        return False
 
     def _execute(self, raw: bytes, out: list[bytes], next_kind: int | None) -> None:
         portal = msg.parse_execute_portal(raw[5:])
@@ -695,7 +713,7 @@ class Engine:
             else:
                 self.unnamed = key
             out.append(raw)
-            self.pipeline.expect(Expected(PARSE, key=key))
+            self.pipeline.expect(Expected(PARSE, key=key, client_name=parse.statement or None))
             return
         if not parse.statement:
             self.unnamed = key
@@ -706,9 +724,10 @@ class Engine:
             return
         self._remember_statement(parse.statement, key)
         if identity.lookup(key) is not None:
-            self.pipeline.expect(Expected(PARSE, SYNTH, reply=msg.PARSE_COMPLETE))
+            self.pipeline.expect(Expected(PARSE, SYNTH, reply=msg.PARSE_COMPLETE, key=key,
+                                          client_name=parse.statement))
             return
-        self._prepare(key, out, quiet=False)
+        self._prepare(key, out, quiet=False, client_name=parse.statement)
 
     def _remember_statement(self, name: str, key: tuple) -> None:
         if name not in self.statements and len(self.statements) >= MAX_CLIENT_STATEMENTS:
@@ -722,7 +741,7 @@ class Engine:
         if name in self.statements:  # then it is the session's own dict
             del self.statements[name]
 
-    def _prepare(self, key: tuple, out: list[bytes], quiet: bool) -> str:
+    def _prepare(self, key: tuple, out: list[bytes], quiet: bool, client_name: str | None = None) -> str:
         """Send a Parse for ``key`` under a new name on this connection, evicting the oldest."""
         identity = self.backend.identity
         name, evicted = identity.prepare(key, self.prepared_limit)
@@ -730,7 +749,8 @@ class Engine:
             out.append(msg.close_message("S", old))
             self.pipeline.expect(Expected(CLOSE, SWALLOW))
         out.append(msg.parse_message(name, key[0], key[1]))
-        self.pipeline.expect(Expected(PARSE, QUIET if quiet else FORWARD, key=key, holder=identity, name=name))
+        self.pipeline.expect(Expected(PARSE, QUIET if quiet else FORWARD, key=key, holder=identity, name=name,
+                                      client_name=client_name))
         return name
 
     def _statement_on_backend(self, name: str, out: list[bytes]) -> str | None:
@@ -927,12 +947,16 @@ class Engine:
             statement.sqlstate = msg.parse_error_fields(body).get("C", "XX000")
             self.actions.append((AUDIT, statement, "error", pid))
 
-    @staticmethod
-    def _unprepare(entry: Expected) -> str | None:
-        """A Parse that failed or was skipped: the connection does not have the statement."""
+    def _unprepare(self, entry: Expected) -> str | None:
+        """A Parse that failed or was skipped: the connection does not have the statement,
+        nor, for a named Parse of the client's, does the client (as in PostgreSQL: a later
+        Bind or DEALLOCATE of the name fails with 26000)."""
         if entry.kind == PARSE and entry.key is not None:
             if entry.holder is not None:
                 entry.holder.unprepare(entry.key, entry.name)
+            name = entry.client_name
+            if name is not None and self.statements.get(name) == entry.key:
+                self._forget_statement(name)
             return entry.key[0]
         return entry.text
 

@@ -120,6 +120,7 @@ def query(text: str) -> bytes:
 
 TERMINATE = message(b"X")
 SYNC = message(b"S")
+FLUSH = message(b"H")
 PARSE_COMPLETE = message(b"1")
 CLOSE_COMPLETE = message(b"3")
 

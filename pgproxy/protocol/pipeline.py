@@ -74,17 +74,19 @@ class Expected:
     """One reply owed. Besides kind and action: ``statement`` (the audit's record-to-be),
     ``reply`` (SYNTH's bytes, REPLACE's error), ``key`` and ``holder`` (a Parse's
     (text, types) and the ConnectionIdentity whose LRU names it; holder None: not
-    cached), ``text`` (a Bind's statement text) and ``name`` (a statement Describe's
-    client name; a cached Parse's name on the connection)."""
+    cached), ``text`` (a Bind's statement text), ``name`` (a statement Describe's
+    client name; a cached Parse's name on the connection) and ``client_name`` (a named
+    Parse's name as the client gave it: the client has no such statement if it fails)."""
 
-    __slots__ = ("kind", "action", "statement", "reply", "key", "holder", "text", "name", "own")
+    __slots__ = ("kind", "action", "statement", "reply", "key", "holder", "text", "name", "own", "client_name")
 
     def __init__(self, kind: int, action: int = FORWARD, statement=None, reply: bytes | None = None,
                  key: tuple | None = None, holder=None, text: str | None = None, name: str | None = None,
-                 own: bool = False) -> None:
+                 own: bool = False, client_name: str | None = None) -> None:
         self.kind, self.action, self.statement, self.reply = kind, action, statement, reply
         self.key, self.holder, self.text, self.name = key, holder, text, name
         self.own = own  # the first message and the Sync of a batch sent in a client Query's place
+        self.client_name = client_name
 
 
 class Pipeline:
@@ -109,6 +111,14 @@ class Pipeline:
 
     def pending(self):
         return islice(self._queue, self._head, None)
+
+    def awaits_server(self) -> bool:
+        """Whether the server still owes a reply (entries the proxy answers itself aside)."""
+        queue = self._queue
+        for i in range(self._head, len(queue)):
+            if queue[i].action != SYNTH:
+                return True
+        return False
 
     def clear(self) -> None:
         self._queue.clear()

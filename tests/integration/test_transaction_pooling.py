@@ -156,6 +156,42 @@ def test_extended_protocol_close_and_pipelined_messages_get_their_replies_in_ord
         assert [k for k, _ in wire.read_until("Z")] == ["T", "D", "C", "Z"]
 
 
+def _statuses_and_errors(wire, queries: int) -> tuple[str, list[str]]:
+    """The ReadyForQuery statuses and the SQLSTATEs of the replies to ``queries`` simple queries."""
+    statuses, errors = "", []
+    for _ in range(queries):
+        for kind, body in wire.read_until("Z"):
+            if kind == "E":
+                errors.append(msg.parse_error_fields(body)["C"])
+            elif kind == "Z":
+                statuses += body.decode()
+    return statuses, errors
+
+
+def test_deallocate_pipelined_in_a_transaction_block_is_answered_as_postgresql_would(one_connection, issuer):
+    # The proxy answers DEALLOCATE itself (the statement names are its own), so it must answer
+    # in the state the queries pipelined before it leave: inside BEGIN's block (T), refused in
+    # a failed block (25P02, and the statement stays), idle after ROLLBACK; and for a name
+    # whose Parse the server skipped, "does not exist" (26000).
+    wire, replies = login(one_connection.port, "alice", issuer.mint("alice", ["sales_emea"]))
+    assert replies[-1][0] == "Z"
+    wire.send(msg.parse_message("s1", "SELECT current_setting('pgproxy.user')") + msg.SYNC)
+    assert [k for k, _ in wire.read_until("Z")] == ["1", "Z"]
+    wire.send(msg.query("BEGIN") + msg.query("DEALLOCATE s1") + msg.query("ROLLBACK"))
+    assert _statuses_and_errors(wire, 3) == ("TTI", [])
+    wire.send(msg.parse_message("s1", "SELECT current_setting('pgproxy.user')") + msg.SYNC)
+    assert [k for k, _ in wire.read_until("Z")] == ["1", "Z"]
+    wire.send(msg.query("BEGIN") + msg.query("SELECT 1/0") + msg.query("DEALLOCATE s1") + msg.query("ROLLBACK"))
+    assert _statuses_and_errors(wire, 4) == ("TEEI", ["22012", "25P02"])
+    wire.send(msg.bind_message("", "s1") + msg.execute_message() + msg.SYNC)  # kept: it still runs
+    got = wire.read_until("Z")
+    assert [k for k, _ in got] == ["2", "D", "C", "Z"] and b"alice" in got[1][1]
+    # A named Parse the server skipped (an earlier message failed) made no statement.
+    wire.send(msg.parse_message("", "SELECT 1/0") + msg.bind_message("", "") + msg.execute_message()
+              + msg.parse_message("s2", "SELECT 2") + msg.SYNC + msg.query("DEALLOCATE s2"))
+    assert _statuses_and_errors(wire, 2) == ("II", ["22012", "26000"])
+
+
 def test_idle_in_transaction_timeout_ends_the_client_and_frees_the_connection(make_proxy, issuer):
     proxy = make_proxy(backend={"pool_mode": "transaction", "pool_size": 1, "idle_in_transaction_timeout_s": 1.0})
     alice = psycopg.connect(proxy.dsn("alice"), password=issuer.mint("alice", ["sales_emea"]))

@@ -7,7 +7,8 @@ when each client statement ran. It speaks the frontend/backend protocol for what
 engine and the tests send:
 
 * simple Query: BEGIN / COMMIT / ROLLBACK, DISCARD ALL / RESET ALL, SET name = value,
-  COPY … FROM STDIN (then CopyData/CopyDone/CopyFail), the proxy's refusal statement,
+  DEALLOCATE name / ALL (26000 for a name it does not have), COPY … FROM STDIN (then
+  CopyData/CopyDone/CopyFail), the proxy's refusal statement,
   and any other text, which "runs" (a text containing "fail" fails with 42P01; after
   ``cancel_due`` is set, the next one fails with 57014, as a cancelled query does);
 * extended Parse / Bind / Describe / Execute / Close / Sync / Flush, skipping to Sync
@@ -229,6 +230,16 @@ class FakeConnection:
                 self.statements.clear()
                 self.portals = {k: v for k, v in self.portals.items() if not k}
             return "DISCARD ALL" if upper == "DISCARD ALL" else "RESET"
+        if upper.startswith("DEALLOCATE "):
+            self._ran(text)
+            name = text[len("DEALLOCATE "):].strip()
+            if name.upper() == "ALL":
+                self.statements.clear()
+                return "DEALLOCATE ALL"
+            if self.statements.pop(name, None) is None:
+                self.failure = "26000"  # prepared statement does not exist
+                return None
+            return "DEALLOCATE"
         if upper.startswith("SET "):
             name, _, value = text[4:].partition("=")
             self.settings[name.strip().lower()] = value.strip()

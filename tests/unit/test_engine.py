@@ -184,6 +184,59 @@ def test_deallocate_in_an_aborted_transaction_is_refused_as_postgresql_would_and
     assert "s1" not in alice.engine.statements and alice.engine.backend is None
 
 
+def statuses(data: bytes) -> bytes:
+    """The transaction status of each ReadyForQuery a client got, in order."""
+    return bytes(raw[5] for kind, raw in frames_of(data) if kind == ord("Z"))
+
+
+def test_deallocate_pipelined_behind_begin_is_answered_inside_the_transaction_block():
+    # The proxy answers DEALLOCATE itself (the names are its own); pipelined behind BEGIN its
+    # ReadyForQuery must say T, as PostgreSQL's would, not the I it was sent in.
+    world = World("transaction", connections=1)
+    alice = world.login("alice")
+    world.send(alice, extended("SELECT 1", name="s1"))
+    settle_all(world)
+    before = len(alice.received)
+    world.send(alice, query("BEGIN") + query("DEALLOCATE s1"))
+    settle_all(world)
+    assert statuses(bytes(alice.received[before:])) == b"TT"
+    assert "s1" not in alice.engine.statements
+    assert alice.engine.backend is not None  # still in the block: the connection stays
+    world.send(alice, query("COMMIT"))
+    settle_all(world)
+    assert alice.engine.backend is None
+
+
+def test_deallocate_pipelined_behind_a_failure_in_a_block_is_refused_and_keeps_the_statement():
+    world = World("transaction", connections=1)
+    alice = world.login("alice")
+    world.send(alice, extended("SELECT 1", name="s1"))
+    settle_all(world)
+    before = len(alice.received)
+    world.send(alice, query("BEGIN") + query("SELECT fail 2") + query("DEALLOCATE s1") + query("ROLLBACK"))
+    settle_all(world)
+    got = bytes(alice.received[before:])
+    errors = [msg.parse_error_fields(raw[5:])["C"] for kind, raw in frames_of(got) if kind == ord("E")]
+    assert errors == ["42P01", "25P02"] and statuses(got) == b"TEEI"
+    assert "s1" in alice.engine.statements and alice.engine.backend is None
+
+
+def test_a_named_parse_the_server_skipped_leaves_the_client_without_the_statement():
+    # Hypothesis found it: the proxy kept s1 after its Parse was skipped (an earlier message
+    # failed), so DEALLOCATE s1 succeeded where PostgreSQL says it does not exist.
+    world = World("transaction", connections=1)
+    alice = world.login("alice")
+    world.send(alice, extended("SELECT fail 1", end=b"H") + extended("SELECT 7", name="s1"))
+    settle_all(world)
+    assert "s1" not in alice.engine.statements
+    world.send(alice, query("DEALLOCATE s1"))
+    settle_all(world)
+    errors = [msg.parse_error_fields(raw[5:])["C"] for kind, raw in frames_of(bytes(alice.received))
+              if kind == ord("E")]
+    assert errors == ["42P01", "26000"]
+    assert reply_kinds(bytes(alice.received)) == reply_kinds(bytes(alice.direct.output)) == b"12EZEZ"
+
+
 def test_session_pooling_keeps_its_connection_between_transactions():
     world = World("session", connections=2)
     alice = world.login("alice")

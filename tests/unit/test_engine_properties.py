@@ -1,8 +1,8 @@
 """The engine under random interleavings: several people over few connections.
 
 Hypothesis drives random client batches (simple and extended, pipelined, COPY, Flush
-without Sync, Syncs alone, errors, resets), random cuts of the server's replies, clients
-leaving mid-request, cancels, and a role refused mid-session (its next switch fails), through pure
+without Sync, Syncs alone, errors, resets, DEALLOCATE), random cuts of the server's replies,
+clients leaving mid-request, cancels, and a role refused mid-session (its next switch fails), through pure
 Engines over model connections (tests/support/engine_world.py). The invariants:
 
 * no client message reaches a connection before it carries that client's identity;
@@ -28,7 +28,8 @@ EXAMPLES = int(os.environ.get("PGPROXY_ENGINE_EXAMPLES", "300"))
 PEOPLE = ("alice", "bob", "carol")
 
 simple = st.sampled_from(["SELECT", "SELECT", "SELECT fail", "BEGIN", "COMMIT", "ROLLBACK", "DISCARD ALL",
-                          "RESET ALL", "SET search_path = s1"]).map(lambda text: ("Q", text))
+                          "RESET ALL", "SET search_path = s1", "DEALLOCATE s1", "DEALLOCATE ALL"]
+                         ).map(lambda text: ("Q", text))
 extended = st.tuples(st.just("X"), st.sampled_from(["", "s1", "s2"]),
                      st.sampled_from(["SELECT", "SELECT", "SELECT fail", "BEGIN", "COMMIT"]),
                      st.booleans(), st.sampled_from(["S", "S", "H", ""]))
