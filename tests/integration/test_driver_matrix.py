@@ -119,6 +119,27 @@ def test_psycopg_prepared_pipeline_executemany_and_server_cursors(mode_proxy, al
         assert conn.execute("SELECT current_user, current_setting('pgproxy.user')").fetchone() == ALICE
 
 
+def test_psycopg_statement_cache_evicting_and_deallocate_all_in_and_out_of_pipeline_mode(mode_proxy, alice_token,
+                                                                                          bob_traffic):
+    # A cache of two with five texts in turn: psycopg closes the oldest statement (a protocol
+    # Close with libpq 17+) and prepares it again later; DEALLOCATE ALL goes through the
+    # extended protocol in pipeline mode and as a simple query outside it.
+    texts = [f"SELECT current_user, current_setting('pgproxy.user'), %s::int + {k}" for k in range(5)]
+    with psycopg.connect(mode_proxy.dsn("alice"), password=alice_token, autocommit=True,
+                         prepare_threshold=0) as conn:
+        conn.prepared_max = 2
+        for round_ in range(3):
+            for k, text in enumerate(texts):
+                assert conn.execute(text, (round_,)).fetchone() == (*ALICE, round_ + k)
+            with conn.pipeline():  # (psycopg would still Bind a cached name after DEALLOCATE ALL here: last)
+                cursors = [conn.execute(text, (round_,)) for text in reversed(texts)]
+                conn.execute("DEALLOCATE ALL")
+            assert [c.fetchone() for c in cursors] == [(*ALICE, round_ + k) for k in reversed(range(5))]
+            assert conn.execute(texts[0], (round_,)).fetchone() == (*ALICE, round_)
+            conn.execute("DEALLOCATE ALL")
+            assert conn.execute(texts[1], (round_,)).fetchone() == (*ALICE, round_ + 1)
+
+
 def test_asyncpg_cache_executemany_cursors_and_copy(mode_proxy, alice_token, bob_traffic):
     base = _base(mode_proxy, 3)
 
