@@ -707,13 +707,16 @@ class Engine:
         if effects.deallocates:
             identity.deallocated()
         key = (parse.query, parse.param_types)
+        # A named Parse that fails or is skipped makes no statement (_unprepare forgets the
+        # name) — unless the client had that statement already, which it keeps.
+        new_name = parse.statement if parse.statement and parse.statement not in self.statements else None
         if not self.mode.renames:  # the connection is the client's: names pass unchanged
             if parse.statement:
                 self._remember_statement(parse.statement, key)
             else:
                 self.unnamed = key
             out.append(raw)
-            self.pipeline.expect(Expected(PARSE, key=key, client_name=parse.statement or None))
+            self.pipeline.expect(Expected(PARSE, key=key, client_name=new_name))
             return
         if not parse.statement:
             self.unnamed = key
@@ -724,10 +727,9 @@ class Engine:
             return
         self._remember_statement(parse.statement, key)
         if identity.lookup(key) is not None:
-            self.pipeline.expect(Expected(PARSE, SYNTH, reply=msg.PARSE_COMPLETE, key=key,
-                                          client_name=parse.statement))
+            self.pipeline.expect(Expected(PARSE, SYNTH, reply=msg.PARSE_COMPLETE, key=key, client_name=new_name))
             return
-        self._prepare(key, out, quiet=False, client_name=parse.statement)
+        self._prepare(key, out, quiet=False, client_name=new_name)
 
     def _remember_statement(self, name: str, key: tuple) -> None:
         if name not in self.statements and len(self.statements) >= MAX_CLIENT_STATEMENTS:

@@ -237,6 +237,20 @@ def test_a_named_parse_the_server_skipped_leaves_the_client_without_the_statemen
     assert reply_kinds(bytes(alice.received)) == reply_kinds(bytes(alice.direct.output)) == b"12EZEZ"
 
 
+def test_a_skipped_parse_of_a_name_the_client_has_keeps_its_statement():
+    world = World("transaction", connections=1)
+    alice = world.login("alice")
+    world.send(alice, extended("SELECT 7", name="s1"))
+    settle_all(world)
+    again = [(ord("P"), msg.parse_message("s1", "SELECT 7")), (S, msg.SYNC)]  # skipped: s1 stays as it was
+    world.send(alice, extended("SELECT fail 1", end=b"H") + again)
+    settle_all(world)
+    assert "s1" in alice.engine.statements
+    world.send(alice, [(ord("B"), msg.bind_message("", "s1")), (ord("E"), msg.execute_message()), (S, msg.SYNC)])
+    settle_all(world)
+    assert reply_kinds(bytes(alice.received)) == reply_kinds(bytes(alice.direct.output)) == b"12CZ12EZ2CZ"
+
+
 def test_session_pooling_keeps_its_connection_between_transactions():
     world = World("session", connections=2)
     alice = world.login("alice")
