@@ -34,7 +34,7 @@ cdef class Engine:
     cdef _describe(self, raw, out)
     cdef _close(self, raw, out)
     cdef _carry(self, effects, statement, kind, out)
-    cdef _prepare(self, key, out, quiet, client_name=*)
+    cdef _prepare(self, key, out, quiet, client_statement=*)
     cdef _statement_on_backend(self, name, out)
     cdef _events(self)
     cdef _releasable(self)

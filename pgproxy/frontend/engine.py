@@ -485,6 +485,8 @@ class Engine:
         if out:
             actions.append((TO_SERVER, backend, out[0] if len(out) == 1 else b"".join(out)))
         replies = self.pipeline.synthesized()
+        if self.pipeline.events:  # (a local ParseComplete's PARSED)
+            self._events()
         if replies:
             actions.append((TO_CLIENT, replies[0] if len(replies) == 1 else b"".join(replies)))
         if self._releasable():  # everything was answered locally
@@ -707,16 +709,15 @@ class Engine:
         if effects.deallocates:
             identity.deallocated()
         key = (parse.query, parse.param_types)
-        # A named Parse that fails or is skipped makes no statement (_unprepare forgets the
-        # name) — unless the client had that statement already, which it keeps.
-        new_name = parse.statement if parse.statement and parse.statement not in self.statements else None
+        # A named Parse that fails or is skipped makes no statement (_unprepare).
+        client = (parse.statement, parse.statement not in self.statements) if parse.statement else None
         if not self.mode.renames:  # the connection is the client's: names pass unchanged
             if parse.statement:
                 self._remember_statement(parse.statement, key)
             else:
                 self.unnamed = key
             out.append(raw)
-            self.pipeline.expect(Expected(PARSE, key=key, client_name=new_name))
+            self.pipeline.expect(Expected(PARSE, key=key, client_statement=client))
             return
         if not parse.statement:
             self.unnamed = key
@@ -727,9 +728,9 @@ class Engine:
             return
         self._remember_statement(parse.statement, key)
         if identity.lookup(key) is not None:
-            self.pipeline.expect(Expected(PARSE, SYNTH, reply=msg.PARSE_COMPLETE, key=key, client_name=new_name))
+            self.pipeline.expect(Expected(PARSE, SYNTH, reply=msg.PARSE_COMPLETE, key=key, client_statement=client))
             return
-        self._prepare(key, out, quiet=False, client_name=new_name)
+        self._prepare(key, out, quiet=False, client_statement=client)
 
     def _remember_statement(self, name: str, key: tuple) -> None:
         if name not in self.statements and len(self.statements) >= MAX_CLIENT_STATEMENTS:
@@ -743,7 +744,7 @@ class Engine:
         if name in self.statements:  # then it is the session's own dict
             del self.statements[name]
 
-    def _prepare(self, key: tuple, out: list[bytes], quiet: bool, client_name: str | None = None) -> str:
+    def _prepare(self, key: tuple, out: list[bytes], quiet: bool, client_statement: tuple | None = None) -> str:
         """Send a Parse for ``key`` under a new name on this connection, evicting the oldest."""
         identity = self.backend.identity
         name, evicted = identity.prepare(key, self.prepared_limit)
@@ -752,7 +753,7 @@ class Engine:
             self.pipeline.expect(Expected(CLOSE, SWALLOW))
         out.append(msg.parse_message(name, key[0], key[1]))
         self.pipeline.expect(Expected(PARSE, QUIET if quiet else FORWARD, key=key, holder=identity, name=name,
-                                      client_name=client_name))
+                                      client_statement=client_statement))
         return name
 
     def _statement_on_backend(self, name: str, out: list[bytes]) -> str | None:
@@ -886,7 +887,7 @@ class Engine:
             elif code == CONFIRMED:
                 self._switch_confirmed()
             elif code == PARSED:
-                event[1].holder.prepared_ok(event[1].name)
+                self._parsed(event[1])
             elif code == DESCRIBED:
                 self._described(event[1], event[2])
             elif code == SWITCH_FAILED:
@@ -949,16 +950,29 @@ class Engine:
             statement.sqlstate = msg.parse_error_fields(body).get("C", "XX000")
             self.actions.append((AUDIT, statement, "error", pid))
 
+    def _parsed(self, entry: Expected) -> None:
+        """A Parse succeeded: the connection has the statement; a client's named one whose
+        name an earlier Parse had made (queued before it, then skipped: ``_unprepare`` took
+        the name away) is the client's again. (A name closed or deallocated since stays gone.)"""
+        if entry.holder is not None:
+            entry.holder.prepared_ok(entry.name)
+        client = entry.client_statement
+        if client is not None and not client[1] and client[0] not in self.statements:
+            if self.statements is EMPTY:
+                self.statements = {}
+            self.statements[client[0]] = entry.key  # (it had its place under the limit when parsed)
+
     def _unprepare(self, entry: Expected) -> str | None:
         """A Parse that failed or was skipped: the connection does not have the statement,
-        nor, for a named Parse of the client's, does the client (as in PostgreSQL: a later
-        Bind or DEALLOCATE of the name fails with 26000)."""
+        nor, for a named Parse of the client's that made the name, does the client (as in
+        PostgreSQL: a later Bind or DEALLOCATE of it fails with 26000). A later Parse of the
+        name that succeeds makes it again (``_parsed``)."""
         if entry.kind == PARSE and entry.key is not None:
             if entry.holder is not None:
                 entry.holder.unprepare(entry.key, entry.name)
-            name = entry.client_name
-            if name is not None and self.statements.get(name) == entry.key:
-                self._forget_statement(name)
+            client = entry.client_statement
+            if client is not None and client[1] and self.statements.get(client[0]) == entry.key:
+                self._forget_statement(client[0])
             return entry.key[0]
         return entry.text
 

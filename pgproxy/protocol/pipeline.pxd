@@ -8,7 +8,7 @@
 # exactly each class's __slots__ (the build checks that).
 
 cdef class Expected:
-    cdef public object kind, action, statement, reply, key, holder, text, name, own, client_name
+    cdef public object kind, action, statement, reply, key, holder, text, name, own, client_statement
 
 # The queue and the two counters are the pipeline's own (no other module reads them): as
 # a C list and C integers, the per-message bookkeeping skips the object protocol.

@@ -46,7 +46,8 @@ pipeline never calls out):
     (SKIPPED, entry) / (SKIPPED_QUIETLY, entry)  dropped by the server after an error
     (CONFIRMED,)                               a switch's guard succeeded
     (SWITCH_FAILED, body)                      the switch failed: nothing more is read
-    (PARSED, entry)                            a Parse the connection's LRU names succeeded
+    (PARSED, entry)                            a Parse the connection's LRU names, or a named
+                                               Parse of the client's, succeeded
 
 Bytes of an entry that is not forwarded are held until the entry ends, so a decision
 never splits a message; such entries are the proxy's own small replies.
@@ -75,18 +76,19 @@ class Expected:
     ``reply`` (SYNTH's bytes, REPLACE's error), ``key`` and ``holder`` (a Parse's
     (text, types) and the ConnectionIdentity whose LRU names it; holder None: not
     cached), ``text`` (a Bind's statement text), ``name`` (a statement Describe's
-    client name; a cached Parse's name on the connection) and ``client_name`` (a named
-    Parse's name as the client gave it: the client has no such statement if it fails)."""
+    client name; a cached Parse's name on the connection) and ``client_statement`` (a named
+    Parse of the client's: (its name, whether the client had no statement of that name
+    before it) — if it fails or is skipped, the client has none, as in PostgreSQL)."""
 
-    __slots__ = ("kind", "action", "statement", "reply", "key", "holder", "text", "name", "own", "client_name")
+    __slots__ = ("kind", "action", "statement", "reply", "key", "holder", "text", "name", "own", "client_statement")
 
     def __init__(self, kind: int, action: int = FORWARD, statement=None, reply: bytes | None = None,
                  key: tuple | None = None, holder=None, text: str | None = None, name: str | None = None,
-                 own: bool = False, client_name: str | None = None) -> None:
+                 own: bool = False, client_statement: tuple | None = None) -> None:
         self.kind, self.action, self.statement, self.reply = kind, action, statement, reply
         self.key, self.holder, self.text, self.name = key, holder, text, name
         self.own = own  # the first message and the Sync of a batch sent in a client Query's place
-        self.client_name = client_name
+        self.client_statement = client_statement
 
 
 class Pipeline:
@@ -148,7 +150,10 @@ class Pipeline:
         out = []
         queue = self._queue
         while queue and queue[self._head].action == SYNTH:
-            out.append(self._pop().reply)
+            entry = self._pop()
+            if entry.kind == PARSE and entry.client_statement is not None:
+                self.events.append((PARSED, entry))
+            out.append(entry.reply)
         return out
 
     def server(self, data: bytes, found) -> list[bytes]:
@@ -237,7 +242,7 @@ class Pipeline:
             return False
         self._pop()
         if entry_kind == PARSE:
-            if head.holder is not None:
+            if head.holder is not None or head.client_statement is not None:
                 self.events.append((PARSED, head))
         elif entry_kind == EXECUTE:
             if head.statement is not None:

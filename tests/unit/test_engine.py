@@ -167,6 +167,10 @@ def test_a_statement_prepared_in_a_skipped_batch_is_prepared_again_after_the_syn
     settle_all(world)
     assert reply_kinds(bytes(alice.received)) == reply_kinds(bytes(alice.direct.output)) == b"12EZ12CZ"
     assert world.connections[0].ran[-1] == ("SELECT 7", "alice")
+    # The second Parse made s1 (the first was skipped): the client has it.
+    world.send(alice, [(ord("B"), msg.bind_message("", "s1")), (ord("E"), msg.execute_message()), (S, msg.SYNC)])
+    settle_all(world)
+    assert reply_kinds(bytes(alice.received)) == reply_kinds(bytes(alice.direct.output)) == b"12EZ12CZ2CZ"
 
 
 def test_deallocate_in_an_aborted_transaction_is_refused_as_postgresql_would_and_keeps_the_statement():
@@ -189,14 +193,25 @@ def statuses(data: bytes) -> bytes:
     return bytes(raw[5] for kind, raw in frames_of(data) if kind == ord("Z"))
 
 
+def sqlstates(data: bytes) -> list[str]:
+    """The SQLSTATE of each ErrorResponse a client got, in order."""
+    return [msg.parse_error_fields(raw[5:])["C"] for kind, raw in frames_of(data) if kind == ord("E")]
+
+
+def alice_with_s1(text: str = "SELECT 1"):
+    """Transaction pooling over one connection; alice has prepared s1. Returns the world,
+    alice, and how much she had received by then."""
+    world = World("transaction", connections=1)
+    alice = world.login("alice")
+    world.send(alice, extended(text, name="s1"))
+    settle_all(world)
+    return world, alice, len(alice.received)
+
+
 def test_deallocate_pipelined_behind_begin_is_answered_inside_the_transaction_block():
     # The proxy answers DEALLOCATE itself (the names are its own); pipelined behind BEGIN its
     # ReadyForQuery must say T, as PostgreSQL's would, not the I it was sent in.
-    world = World("transaction", connections=1)
-    alice = world.login("alice")
-    world.send(alice, extended("SELECT 1", name="s1"))
-    settle_all(world)
-    before = len(alice.received)
+    world, alice, before = alice_with_s1()
     world.send(alice, query("BEGIN") + query("DEALLOCATE s1"))
     settle_all(world)
     assert statuses(bytes(alice.received[before:])) == b"TT"
@@ -208,16 +223,11 @@ def test_deallocate_pipelined_behind_begin_is_answered_inside_the_transaction_bl
 
 
 def test_deallocate_pipelined_behind_a_failure_in_a_block_is_refused_and_keeps_the_statement():
-    world = World("transaction", connections=1)
-    alice = world.login("alice")
-    world.send(alice, extended("SELECT 1", name="s1"))
-    settle_all(world)
-    before = len(alice.received)
+    world, alice, before = alice_with_s1()
     world.send(alice, query("BEGIN") + query("SELECT fail 2") + query("DEALLOCATE s1") + query("ROLLBACK"))
     settle_all(world)
     got = bytes(alice.received[before:])
-    errors = [msg.parse_error_fields(raw[5:])["C"] for kind, raw in frames_of(got) if kind == ord("E")]
-    assert errors == ["42P01", "25P02"] and statuses(got) == b"TEEI"
+    assert sqlstates(got) == ["42P01", "25P02"] and statuses(got) == b"TEEI"
     assert "s1" in alice.engine.statements and alice.engine.backend is None
 
 
@@ -231,17 +241,12 @@ def test_a_named_parse_the_server_skipped_leaves_the_client_without_the_statemen
     assert "s1" not in alice.engine.statements
     world.send(alice, query("DEALLOCATE s1"))
     settle_all(world)
-    errors = [msg.parse_error_fields(raw[5:])["C"] for kind, raw in frames_of(bytes(alice.received))
-              if kind == ord("E")]
-    assert errors == ["42P01", "26000"]
+    assert sqlstates(bytes(alice.received)) == ["42P01", "26000"]
     assert reply_kinds(bytes(alice.received)) == reply_kinds(bytes(alice.direct.output)) == b"12EZEZ"
 
 
 def test_a_skipped_parse_of_a_name_the_client_has_keeps_its_statement():
-    world = World("transaction", connections=1)
-    alice = world.login("alice")
-    world.send(alice, extended("SELECT 7", name="s1"))
-    settle_all(world)
+    world, alice, _ = alice_with_s1("SELECT 7")
     again = [(ord("P"), msg.parse_message("s1", "SELECT 7")), (S, msg.SYNC)]  # skipped: s1 stays as it was
     world.send(alice, extended("SELECT fail 1", end=b"H") + again)
     settle_all(world)
@@ -249,6 +254,14 @@ def test_a_skipped_parse_of_a_name_the_client_has_keeps_its_statement():
     world.send(alice, [(ord("B"), msg.bind_message("", "s1")), (ord("E"), msg.execute_message()), (S, msg.SYNC)])
     settle_all(world)
     assert reply_kinds(bytes(alice.received)) == reply_kinds(bytes(alice.direct.output)) == b"12CZ12EZ2CZ"
+
+
+def test_a_statement_closed_while_its_parse_is_in_flight_stays_closed():
+    world = World("transaction", connections=1)
+    alice = world.login("alice")
+    world.send(alice, extended("SELECT 7", name="s1") + [(ord("C"), msg.close_message("S", "s1")), (S, msg.SYNC)])
+    settle_all(world)
+    assert "s1" not in alice.engine.statements
 
 
 def test_session_pooling_keeps_its_connection_between_transactions():
