@@ -563,11 +563,12 @@ class Engine:
             # proxy: _skip_to_sync). So it waits for them — with a Flush behind an unsynced
             # batch, whose replies the server would otherwise keep until a Sync. Not while a
             # switch is unconfirmed: its Sync goes out after this first message.
-            if self.state == ACTIVE and self.pipeline.awaits_server():
+            owed = self.pipeline.awaits_server()
+            if owed and self.state == ACTIVE:
                 if self.sync_owed:
                     out.append(msg.FLUSH)
                 return True
-            if self.txn_status == b"E" and not self.pipeline.awaits_server():
+            if self.txn_status == b"E" and not owed:
                 # PostgreSQL refuses it in an aborted transaction: so does the proxy, and
                 # nothing is deallocated.
                 self._answer_error("current transaction is aborted, commands ignored until end of transaction "

@@ -50,6 +50,39 @@ def settle_all(world: World) -> None:
             world.deliver(conn)
 
 
+def bind_execute_sync(name: str) -> list[tuple[int, bytes]]:
+    """Run prepared statement ``name`` (no parameters) and sync."""
+    return [(ord("B"), msg.bind_message("", name)), (ord("E"), msg.execute_message()), (S, msg.SYNC)]
+
+
+def replies_as_direct(client) -> bytes:
+    """The message types the client got through the proxy, after checking that a direct
+    connection to the same model server got the same ones."""
+    seen = reply_kinds(bytes(client.received))
+    assert seen == reply_kinds(bytes(client.direct.output))
+    return seen
+
+
+def statuses(data: bytes) -> bytes:
+    """The transaction status of each ReadyForQuery a client got, in order."""
+    return bytes(raw[5] for kind, raw in frames_of(data) if kind == ord("Z"))
+
+
+def sqlstates(data: bytes) -> list[str]:
+    """The SQLSTATE of each ErrorResponse a client got, in order."""
+    return [msg.parse_error_fields(raw[5:])["C"] for kind, raw in frames_of(data) if kind == ord("E")]
+
+
+def alice_with_s1(text: str = "SELECT 1"):
+    """Transaction pooling over one connection; alice has prepared s1. Returns the world,
+    alice, and how much she had received by then."""
+    world = World("transaction", connections=1)
+    alice = world.login("alice")
+    world.send(alice, extended(text, name="s1"))
+    settle_all(world)
+    return world, alice, len(alice.received)
+
+
 def test_a_message_goes_out_behind_the_switch_to_its_identity_in_the_same_write():
     world = World("transaction", connections=1)
     alice, bob = world.login("alice"), world.login("bob")  # the connection now carries bob
@@ -165,12 +198,12 @@ def test_a_statement_prepared_in_a_skipped_batch_is_prepared_again_after_the_syn
     again = extended("SELECT 7", name="s1")
     world.send(alice, extended("SELECT fail 1", end=b"H") + again + again)
     settle_all(world)
-    assert reply_kinds(bytes(alice.received)) == reply_kinds(bytes(alice.direct.output)) == b"12EZ12CZ"
+    assert replies_as_direct(alice) == b"12EZ12CZ"
     assert world.connections[0].ran[-1] == ("SELECT 7", "alice")
     # The second Parse made s1 (the first was skipped): the client has it.
-    world.send(alice, [(ord("B"), msg.bind_message("", "s1")), (ord("E"), msg.execute_message()), (S, msg.SYNC)])
+    world.send(alice, bind_execute_sync("s1"))
     settle_all(world)
-    assert reply_kinds(bytes(alice.received)) == reply_kinds(bytes(alice.direct.output)) == b"12EZ12CZ2CZ"
+    assert replies_as_direct(alice) == b"12EZ12CZ2CZ"
 
 
 def test_deallocate_in_an_aborted_transaction_is_refused_as_postgresql_would_and_keeps_the_statement():
@@ -180,32 +213,10 @@ def test_deallocate_in_an_aborted_transaction_is_refused_as_postgresql_would_and
     settle_all(world)
     world.send(alice, query("DEALLOCATE s1"))
     settle_all(world)
-    errors = [msg.parse_error_fields(raw[5:])["C"] for kind, raw in frames_of(bytes(alice.received))
-              if kind == ord("E")]
-    assert errors == ["42P01", "25P02"] and "s1" in alice.engine.statements
+    assert sqlstates(bytes(alice.received)) == ["42P01", "25P02"] and "s1" in alice.engine.statements
     world.send(alice, query("ROLLBACK") + query("DEALLOCATE s1"))
     settle_all(world)
     assert "s1" not in alice.engine.statements and alice.engine.backend is None
-
-
-def statuses(data: bytes) -> bytes:
-    """The transaction status of each ReadyForQuery a client got, in order."""
-    return bytes(raw[5] for kind, raw in frames_of(data) if kind == ord("Z"))
-
-
-def sqlstates(data: bytes) -> list[str]:
-    """The SQLSTATE of each ErrorResponse a client got, in order."""
-    return [msg.parse_error_fields(raw[5:])["C"] for kind, raw in frames_of(data) if kind == ord("E")]
-
-
-def alice_with_s1(text: str = "SELECT 1"):
-    """Transaction pooling over one connection; alice has prepared s1. Returns the world,
-    alice, and how much she had received by then."""
-    world = World("transaction", connections=1)
-    alice = world.login("alice")
-    world.send(alice, extended(text, name="s1"))
-    settle_all(world)
-    return world, alice, len(alice.received)
 
 
 def test_deallocate_pipelined_behind_begin_is_answered_inside_the_transaction_block():
@@ -242,7 +253,7 @@ def test_a_named_parse_the_server_skipped_leaves_the_client_without_the_statemen
     world.send(alice, query("DEALLOCATE s1"))
     settle_all(world)
     assert sqlstates(bytes(alice.received)) == ["42P01", "26000"]
-    assert reply_kinds(bytes(alice.received)) == reply_kinds(bytes(alice.direct.output)) == b"12EZEZ"
+    assert replies_as_direct(alice) == b"12EZEZ"
 
 
 def test_a_skipped_parse_of_a_name_the_client_has_keeps_its_statement():
@@ -251,9 +262,9 @@ def test_a_skipped_parse_of_a_name_the_client_has_keeps_its_statement():
     world.send(alice, extended("SELECT fail 1", end=b"H") + again)
     settle_all(world)
     assert "s1" in alice.engine.statements
-    world.send(alice, [(ord("B"), msg.bind_message("", "s1")), (ord("E"), msg.execute_message()), (S, msg.SYNC)])
+    world.send(alice, bind_execute_sync("s1"))
     settle_all(world)
-    assert reply_kinds(bytes(alice.received)) == reply_kinds(bytes(alice.direct.output)) == b"12CZ12EZ2CZ"
+    assert replies_as_direct(alice) == b"12CZ12EZ2CZ"
 
 
 def test_a_statement_closed_while_its_parse_is_in_flight_stays_closed():
