@@ -103,7 +103,8 @@ input(type="imuxsock" socket="{self.unix_path}" useSpecialParser="off" parseHost
         while True:
             records = []
             if self.out.exists():
-                for line in self.out.read_text(encoding="utf-8").splitlines():
+                # Only whole lines: rsyslog may be writing the last one as this reads the file.
+                for line in self.out.read_text(encoding="utf-8").split("\n")[:-1]:
                     record = json.loads(line)
                     record["sd"] = json.loads(record["sd"]) if record.get("sd") else {}
                     records.append(record)
